@@ -1,0 +1,1 @@
+"""liveloop's shared core: settings, database, base-model preparation, sampling math, adapter artifacts."""

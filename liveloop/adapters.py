@@ -1,0 +1,103 @@
+"""LoRA adapter artifacts: one directory per version, written atomically, verified before use.
+
+A directory holds peft's ``adapter_model.safetensors`` and ``adapter_config.json`` plus ``liveloop.json``: the
+sha256 of the weights file, the base-model id it was trained on, and free metadata (training config, metrics,
+lineage). ``verify_adapter`` refuses a directory whose weights are missing, corrupt, or made for another base.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from peft import LoraConfig, PeftModel
+
+MANIFEST = "liveloop.json"
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+# The seven projections of a Llama-style block: attention and MLP, as in the LoRA paper's best setting.
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class AdapterArtifactError(Exception):
+    """The directory is not a usable adapter for this base model."""
+
+
+def default_lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.0) -> LoraConfig:
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, bias="none",
+                      task_type="CAUSAL_LM")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_adapter(model: PeftModel, adapter_name: str, dest: Path, *, base_model_id: str,
+                 metadata: dict | None = None) -> str:
+    """Write one adapter of ``model`` to ``dest`` atomically; return the weights' sha256.
+
+    ``dest`` must not exist: version names are immutable, so an existing directory is never overwritten.
+    """
+    if dest.exists():
+        raise AdapterArtifactError(f"{dest} exists; adapter versions are never overwritten")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp, selected_adapters=[adapter_name])
+        # peft writes a non-default adapter into a sub-directory named after it
+        written = tmp / adapter_name if (tmp / adapter_name / WEIGHTS).is_file() else tmp
+        if written != tmp:
+            for item in written.iterdir():
+                item.rename(tmp / item.name)
+            written.rmdir()
+        sha = sha256_file(tmp / WEIGHTS)
+        manifest = {"sha256": sha, "base_model_id": base_model_id, "metadata": metadata or {}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        _fsync_dir(tmp)
+        tmp.rename(dest)
+        _fsync_dir(dest.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return sha
+
+
+def verify_adapter(path: Path, *, base_model_id: str | None = None, sha256: str | None = None) -> dict:
+    """Return the manifest of a complete, uncorrupted adapter directory, or raise AdapterArtifactError."""
+    manifest_path, weights = path / MANIFEST, path / WEIGHTS
+    for required in (manifest_path, weights, path / CONFIG):
+        if not required.is_file():
+            raise AdapterArtifactError(f"{path}: {required.name} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError as exc:
+        raise AdapterArtifactError(f"{path}: unreadable {MANIFEST}: {exc}") from exc
+    actual = sha256_file(weights)
+    for expected in {manifest.get("sha256"), sha256} - {None}:
+        if actual != expected:
+            raise AdapterArtifactError(f"{path}: weights sha256 {actual[:12]}… does not match {expected[:12]}…")
+    if base_model_id is not None and manifest.get("base_model_id") != base_model_id:
+        raise AdapterArtifactError(
+            f"{path}: trained on base {manifest.get('base_model_id')!r}, this process serves {base_model_id!r}"
+        )
+    return manifest
+
+
+def _fsync_dir(path: Path) -> None:
+    for item in path.iterdir():
+        if item.is_file():
+            with item.open("rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,81 @@
+"""Fixtures shared by every test package: models, settings, databases."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from liveloop.model import prepare_base_model
+from liveloop.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+# Converted once per checkout and kept between runs: the GGUF conversion takes ~40 s.
+MODEL_CACHE = REPO / "var" / "test-models"
+POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(scope="session")
+def packaged_model_dir() -> Path:
+    """The real SmolLM2-135M-Instruct, converted from the packaged GGUF."""
+    _, path = prepare_base_model(Settings(model_cache_dir=MODEL_CACHE))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(packaged_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random Llama with the real tokenizer and chat template: fast, and a real HF directory."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = AutoTokenizer.from_pretrained(packaged_model_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _postgres_database() -> str:
+    """A fresh database on the local PostgreSQL, dropped at exit; skips when the server is not there."""
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"liveloop_test_{uuid.uuid4().hex[:10]}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except sa.exc.OperationalError as exc:
+        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is not reachable: {exc}")
+    finally:
+        admin.dispose()
+    return name
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path):
+    """Each store test runs on both SQLite and PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'liveloop.db'}"
+        return
+    name = _postgres_database()
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path):
+    """Settings rooted in the test's temporary directory; keyword arguments override fields."""
+
+    def make(**overrides) -> Settings:
+        return Settings(_env_file=None, data_dir=tmp_path / "var", model_cache_dir=MODEL_CACHE, **overrides)
+
+    return make
