@@ -60,10 +60,54 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
     max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
 
+    # --- feedback ------------------------------------------------------------------------------------
+    kafka_bootstrap: str = Field(
+        "", description="Kafka bootstrap servers 'host:port,...'; empty means the embedded broker (dev and tests)."
+    )
+    feedback_topic: str = Field("feedback", description="Rating events, keyed by completion id.")
+    feedback_dlq_topic: str = Field("feedback-dlq", description="Events the consumer could not read, with why.")
+    adapter_events_topic: str = Field("adapter-events", description="Adapter registry transitions.")
+    feedback_partitions: int = Field(
+        3, ge=1, description="Partitions of the feedback topic when liveloop creates it (bounds consumer parallelism)."
+    )
+    feedback_dlq_partitions: int = Field(1, ge=1, description="Partitions of the dead-letter topic when created.")
+    adapter_events_partitions: int = Field(1, ge=1, description="Partitions of the adapter-events topic when created.")
+    kafka_replication_factor: int = Field(1, ge=1, description="Replication of topics liveloop creates (prod: 3).")
+    kafka_idempotence: bool = Field(
+        True, description="Idempotent producer (no duplicates from producer retries); off for brokers without it."
+    )
+    kafka_request_timeout_ms: int = Field(5_000, ge=100, description="One Kafka request before the client retries.")
+    kafka_delivery_timeout_ms: int = Field(
+        15_000, ge=100, description="How long a publish may wait for the broker's ack before the relay retries it."
+    )
+    kafka_session_timeout_ms: int = Field(
+        6_000, ge=100, description="Consumer liveness; Kafka's 45 s default makes a group join take > 20 s."
+    )
+    kafka_heartbeat_interval_ms: int = Field(1_000, ge=10, description="Consumer heartbeat; below the session timeout.")
+    kafka_max_poll_interval_ms: int = Field(
+        900_000, ge=1_000, description="Longest gap between polls before the group evicts a consumer (> a PPO update)."
+    )
+    feedback_consumer_group: str = Field("liveloop-trainer", description="Consumer group of the trainer.")
+    feedback_reward_up: float = Field(1.0, description="Reward a thumbs-up is worth to the trainer.")
+    feedback_reward_down: float = Field(-1.0, description="Reward a thumbs-down is worth to the trainer.")
+    feedback_comment_max_chars: int = Field(2_000, ge=0, description="Longest comment accepted with a rating.")
+    relay_in_api: bool = Field(True, description="Run the outbox relay inside the API process.")
+    relay_batch_size: int = Field(500, ge=1, description="Outbox rows published per round trip.")
+    relay_poll_interval_s: float = Field(0.2, gt=0, description="How often an idle relay looks for new outbox rows.")
+    relay_max_backoff_s: float = Field(30.0, gt=0, description="Longest wait between retries while Kafka is down.")
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _parse_keys(cls, value: object) -> object:
         return _split_csv(value)
+
+    @model_validator(mode="after")
+    def _check_kafka_timeouts(self) -> Settings:
+        if self.kafka_heartbeat_interval_ms >= self.kafka_session_timeout_ms:
+            raise ValueError("LIVELOOP_KAFKA_HEARTBEAT_INTERVAL_MS must be below LIVELOOP_KAFKA_SESSION_TIMEOUT_MS")
+        if self.kafka_delivery_timeout_ms < self.kafka_request_timeout_ms:
+            raise ValueError("LIVELOOP_KAFKA_DELIVERY_TIMEOUT_MS must be at least LIVELOOP_KAFKA_REQUEST_TIMEOUT_MS")
+        return self
 
     @model_validator(mode="after")
     def _check_paths(self) -> Settings:
