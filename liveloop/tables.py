@@ -24,7 +24,8 @@ class Completion(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     finished_at: Mapped[datetime | None]
-    user_id: Mapped[str | None] = mapped_column(String(200), index=True)
+    user_id: Mapped[str | None] = mapped_column(String(200), index=True)  # identity of the API key
+    end_user: Mapped[str | None] = mapped_column(String(256))  # the request's OpenAI `user` field
     requested_model: Mapped[str] = mapped_column(String(200))
     adapter_version: Mapped[str | None] = mapped_column(String(200), index=True)  # None: the base model
     messages: Mapped[list]

@@ -23,6 +23,7 @@ def upgrade() -> None:
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('finished_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('user_id', sa.String(length=200), nullable=True),
+    sa.Column('end_user', sa.String(length=256), nullable=True),
     sa.Column('requested_model', sa.String(length=200), nullable=False),
     sa.Column('adapter_version', sa.String(length=200), nullable=True),
     sa.Column('messages', sa.JSON(), nullable=False),

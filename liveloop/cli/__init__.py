@@ -1,0 +1,46 @@
+"""The ``liveloop`` command: wiring of every process. Nothing imports this package."""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+
+from liveloop.settings import Settings
+
+app = typer.Typer(help="liveloop: serve a chat model and improve it from its users' thumbs.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+def _settings() -> Settings:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return Settings()
+
+
+@app.command()
+def serve(host: str = typer.Option(None, help="Default: LIVELOOP_HOST."),
+          port: int = typer.Option(None, help="Default: LIVELOOP_PORT.")) -> None:
+    """Run the API alone, as a production replica does."""
+    import uvicorn
+
+    from serving.app import create_app
+
+    settings = _settings()
+    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_level="info")
+
+
+@app.command()
+def up() -> None:
+    """Run the whole loop on embedded defaults: SQLite under ./var, the packaged model, the API."""
+    serve(host=None, port=None)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Migrate the database to the schema this code needs."""
+    from liveloop.db import migrate
+
+    settings = _settings()
+    migrate(settings.resolved_database_url)
+    typer.echo(f"database at head: {settings.resolved_database_url}")

@@ -1,0 +1,54 @@
+"""The API process: ``create_app(settings)`` builds everything once at start-up and keeps it on app.state."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from prometheus_client import make_asgi_app
+
+from liveloop.db import make_sessionmaker, open_database
+from liveloop.model import load_base_model
+from liveloop.settings import Settings
+from serving.adapters import AdapterSet
+from serving.chat import ChatService
+from serving.engine import Engine
+from serving.errors import install_error_handlers
+from serving.routers import chat, health, models
+from serving.store import CompletionStore
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    app = FastAPI(title="liveloop", version="0.1.0", lifespan=_lifespan, max_body_size=settings.max_body_bytes)
+    app.state.settings = settings
+    app.state.users_by_key = settings.users_by_key
+    install_error_handlers(app)
+    for router in (chat.router, models.router, health.router):
+        app.include_router(router)
+    app.mount("/metrics", make_asgi_app())
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    db_engine = open_database(settings)
+    base = load_base_model(settings)
+    engine = Engine(base, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue)
+    adapters = AdapterSet(base_model_id=base.model_id, alias=settings.model_alias)
+    sessions = make_sessionmaker(db_engine)
+    state = app.state
+    state.db_engine, state.sessions, state.engine, state.adapters = db_engine, sessions, engine, adapters
+    state.chat = ChatService(engine=engine, tokenizer=base.tokenizer, context_length=base.context_length,
+                             adapters=adapters, store=CompletionStore(sessions), settings=settings)
+    engine.start()
+    log.info("serving %s (%s on %s)", base.model_id, settings.dtype, base.device)
+    try:
+        yield
+    finally:
+        engine.shutdown()
+        db_engine.dispose()

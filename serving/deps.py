@@ -1,0 +1,48 @@
+"""Dependencies injected into route handlers: settings, services, and the caller's identity."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session, sessionmaker
+
+from liveloop.settings import Settings
+from serving.chat import ChatService
+from serving.errors import Unauthorized
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_chat(request: Request) -> ChatService:
+    return request.app.state.chat
+
+
+def get_sessions(request: Request) -> sessionmaker[Session]:
+    return request.app.state.sessions
+
+
+def bearer_token(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def get_user(request: Request) -> str | None:
+    """The identity of the caller's API key; None when no keys are configured (the open embedded default)."""
+    users_by_key: dict[str, str] = request.app.state.users_by_key
+    if not users_by_key:
+        return None
+    token = bearer_token(request)
+    if token is None:
+        raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
+    if token not in users_by_key:
+        raise Unauthorized("Incorrect API key provided.")
+    return users_by_key[token]
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ChatDep = Annotated[ChatService, Depends(get_chat)]
+SessionsDep = Annotated[sessionmaker[Session], Depends(get_sessions)]
+UserDep = Annotated[str | None, Depends(get_user)]
