@@ -36,6 +36,15 @@ def up() -> None:
     serve(host=None, port=None)
 
 
+@app.command("prepare-model")
+def prepare_model() -> None:
+    """Convert the packaged model into the model cache (or check LIVELOOP_BASE_MODEL) and say where it is."""
+    from liveloop.model import prepare_base_model
+
+    model_id, path = prepare_base_model(_settings())
+    typer.echo(f"{model_id}: {path}")
+
+
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Migrate the database to the schema this code needs."""
