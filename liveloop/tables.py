@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, DateTime, Float, Integer, String, Text
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -39,3 +39,46 @@ class Completion(Base):
     prompt_tokens: Mapped[int] = mapped_column(Integer)
     completion_tokens: Mapped[int] = mapped_column(Integer)
     latency_ms: Mapped[float] = mapped_column(Float)
+
+
+# --- feedback (feedback/) ------------------------------------------------------------------------------------
+
+
+class Feedback(Base):
+    """One rating of a completion. A change of mind is a new row with the next revision that supersedes the
+    previous one; rows are never updated, so the history of every completion's ratings stays readable."""
+
+    __tablename__ = "feedback"
+    # One linear chain of revisions per completion: two concurrent changes of mind collide here and one retries.
+    __table_args__ = (UniqueConstraint("completion_id", "revision", name="uq_feedback_completion_revision"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    completion_id: Mapped[str] = mapped_column(ForeignKey("completions.id"))
+    revision: Mapped[int] = mapped_column(Integer)  # 1 for a completion's first rating, +1 per change of mind
+    rating: Mapped[str] = mapped_column(String(8))  # 'up' or 'down'
+    reward: Mapped[float] = mapped_column(Float)  # the rating's value under the reward mapping of its day
+    comment: Mapped[str | None] = mapped_column(Text)
+    client_feedback_id: Mapped[str | None] = mapped_column(String(200), unique=True)  # the client's idempotency key
+    supersedes_id: Mapped[str | None] = mapped_column(ForeignKey("feedback.id"))
+    user_id: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class OutboxMessage(Base):
+    """A Kafka message written in the same transaction as the row it announces; the relay publishes it and sets
+    ``sent_at`` only once the broker has acknowledged it. Sent rows stay: ``liveloop replay`` republishes them."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        Index("ix_outbox_unsent", "id", sqlite_where=text("sent_at IS NULL"), postgresql_where=text("sent_at IS NULL")),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)  # publish order
+    event_id: Mapped[str] = mapped_column(String(64), unique=True)
+    topic: Mapped[str] = mapped_column(String(249))  # Kafka's longest topic name
+    key: Mapped[str] = mapped_column(String(200))
+    payload: Mapped[dict]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    sent_at: Mapped[datetime | None]
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
