@@ -2,7 +2,9 @@
 
 A directory holds peft's ``adapter_model.safetensors`` and ``adapter_config.json`` plus ``liveloop.json``: the
 sha256 of the weights file, the base-model id it was trained on, and free metadata (training config, metrics,
-lineage). ``verify_adapter`` refuses a directory whose weights are missing, corrupt, or made for another base.
+lineage). A model part outside peft (e.g. a reward model's scalar head) goes beside it as ``extra_tensors``, with
+its own sha256 in the manifest. ``verify_adapter`` refuses a directory whose weights are missing, corrupt, or made
+for another base.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 from peft import LoraConfig, PeftModel
+from safetensors.torch import save_file
 
 MANIFEST = "liveloop.json"
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
+EXTRA_TENSORS = "extra_tensors.safetensors"
 # The seven projections of a Llama-style block: attention and MLP, as in the LoRA paper's best setting.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -41,7 +46,7 @@ def sha256_file(path: Path) -> str:
 
 
 def save_adapter(model: PeftModel, adapter_name: str, dest: Path, *, base_model_id: str,
-                 metadata: dict | None = None) -> str:
+                 metadata: dict | None = None, extra_tensors: dict[str, torch.Tensor] | None = None) -> str:
     """Write one adapter of ``model`` to ``dest`` atomically; return the weights' sha256.
 
     ``dest`` must not exist: version names are immutable, so an existing directory is never overwritten.
@@ -60,10 +65,13 @@ def save_adapter(model: PeftModel, adapter_name: str, dest: Path, *, base_model_
             written.rmdir()
         sha = sha256_file(tmp / WEIGHTS)
         manifest = {"sha256": sha, "base_model_id": base_model_id, "metadata": metadata or {}}
+        if extra_tensors:
+            save_file({k: v.contiguous() for k, v in extra_tensors.items()}, tmp / EXTRA_TENSORS)
+            manifest["extra_sha256"] = sha256_file(tmp / EXTRA_TENSORS)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         tmp.rename(dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -84,6 +92,10 @@ def verify_adapter(path: Path, *, base_model_id: str | None = None, sha256: str 
     for expected in {manifest.get("sha256"), sha256} - {None}:
         if actual != expected:
             raise AdapterArtifactError(f"{path}: weights sha256 {actual[:12]}… does not match {expected[:12]}…")
+    if "extra_sha256" in manifest and (
+        not (path / EXTRA_TENSORS).is_file() or sha256_file(path / EXTRA_TENSORS) != manifest["extra_sha256"]
+    ):
+        raise AdapterArtifactError(f"{path}: {EXTRA_TENSORS} is missing or does not match its sha256")
     if base_model_id is not None and manifest.get("base_model_id") != base_model_id:
         raise AdapterArtifactError(
             f"{path}: trained on base {manifest.get('base_model_id')!r}, this process serves {base_model_id!r}"
@@ -91,7 +103,8 @@ def verify_adapter(path: Path, *, base_model_id: str | None = None, sha256: str 
     return manifest
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's files and the directory entry itself, so a rename after it is durable."""
     for item in path.iterdir():
         if item.is_file():
             with item.open("rb") as f:

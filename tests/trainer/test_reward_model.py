@@ -1,0 +1,167 @@
+"""The reward model: its losses, its split, learning a separable preference, adapter hygiene, versioning."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from liveloop.adapters import EXTRA_TENSORS, AdapterArtifactError, verify_adapter
+from tests.trainer.conftest import POLICY_ADAPTER
+from trainer.reward_model import (
+    REWARD_ADAPTER,
+    RatedResponse,
+    RewardModel,
+    RewardModelConfig,
+    is_heldout,
+    pairwise_loss,
+    pointwise_loss,
+    preference_pairs,
+)
+
+PAD = 0
+LIKED = 5000  # the synthetic preference: a response containing this token is rated up
+FILLER = (1000, 1020)  # everything else is drawn from these tokens
+
+
+def rated(completion_id: str, prompt: tuple[int, ...], up: bool, response: tuple[int, ...] = (7, 8)) -> RatedResponse:
+    return RatedResponse(completion_id, prompt, response, up)
+
+
+def separable_examples(n_prompts: int, seed: int) -> list[RatedResponse]:
+    """Two responses per prompt, one with LIKED somewhere (up) and one without (down)."""
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for i in range(n_prompts):
+        prompt = tuple(torch.randint(*FILLER, (8,), generator=generator).tolist())
+        for j, up in enumerate((i % 2 == 0, i % 2 == 1)):
+            response = torch.randint(*FILLER, (10,), generator=generator)
+            if up:
+                response[torch.randint(0, 10, (1,), generator=generator)] = LIKED
+            examples.append(RatedResponse(f"{seed}-{i}-{j}", prompt, tuple(response.tolist()), up))
+    return examples
+
+
+def test_pairwise_loss_matches_hand_computed_bradley_terry():
+    # −log σ(2 − 1) = log(1 + e^−1) = 0.313262; −log σ(0 − 1) = log(1 + e) = 1.313262
+    loss = pairwise_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0]))
+    assert loss.item() == pytest.approx((math.log1p(math.exp(-1)) + math.log1p(math.e)) / 2, abs=1e-6)
+    assert loss.item() == pytest.approx(0.813262, abs=1e-6)
+
+
+def test_pointwise_loss_is_the_logistic_loss_of_the_thumb():
+    # score 0 → p = 1/2 either way: log 2; score 2 rated down: log(1 + e^2) = 2.126928
+    loss = pointwise_loss(torch.tensor([0.0, 2.0]), torch.tensor([True, False]))
+    assert loss.item() == pytest.approx((math.log(2) + 2.126928) / 2, abs=1e-6)
+
+
+def test_pairs_are_up_down_responses_to_the_same_prompt():
+    batch = [rated("a", (1,), True), rated("b", (1,), False), rated("c", (2,), True), rated("d", (1,), False),
+             rated("e", (2,), True)]
+    up, down = preference_pairs(batch)
+    assert sorted(zip(up, down, strict=True)) == [(0, 1), (0, 3)]
+
+
+def test_heldout_split_is_stable_and_near_the_fraction():
+    ids = [f"chatcmpl-{i}" for i in range(4000)]
+    held = [i for i in ids if is_heldout(i, 0.25)]
+    assert 0.22 < len(held) / len(ids) < 0.28
+    assert held == [i for i in ids if is_heldout(i, 0.25)]
+    assert set(held) <= {i for i in ids if is_heldout(i, 0.5)}  # growing the fraction never moves one out
+    assert not any(is_heldout(i, 0.0) for i in ids)
+
+
+def test_reward_model_learns_a_separable_preference_above_chance(tiny_peft_model):
+    config = RewardModelConfig(lr=1e-3, heldout_fraction=0.25, lora_r=8, lora_alpha=16)
+    reward_model = RewardModel.create(tiny_peft_model, base_model_id="tiny", pad_token_id=PAD, config=config)
+    examples = separable_examples(100, seed=0)
+    reward_model.add(examples[:100])
+    first = reward_model.train_increment()
+    reward_model.add(examples[100:])
+    reward_model.train_increment()
+    metrics = reward_model.train_increment()
+    assert (first.n_examples, metrics.n_examples, metrics.increment) == (100, 200, 3)
+    assert metrics.n_heldout + metrics.n_train == 200 and metrics.n_heldout >= 30
+    assert metrics.n_pairs > 50 and metrics.pairwise_loss is not None
+    assert metrics.heldout_accuracy >= 0.85  # chance is 0.5: the held-out thumbs are balanced by construction
+    assert metrics.loss < first.loss
+
+
+def policy_state(model) -> tuple:
+    probe = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        logits = model(input_ids=probe).logits
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if f".{POLICY_ADAPTER}." in n}
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    return model.active_adapter, logits, weights, grads
+
+
+def test_scoring_and_training_leave_the_policy_active_and_unchanged(tiny_peft_model):
+    before = policy_state(tiny_peft_model)
+    reward_model = RewardModel.create(tiny_peft_model, base_model_id="tiny", pad_token_id=PAD)
+    reward_model.add(separable_examples(8, seed=1))
+    reward_model.train_increment()
+    scores = reward_model.score([(1, 2), (3, 4, 5)], [(6,), (7, 8)])
+    after = policy_state(tiny_peft_model)
+    assert scores.shape == (2,) and scores.dtype == torch.float32
+    assert after[0] == before[0] == POLICY_ADAPTER
+    torch.testing.assert_close(after[1], before[1], rtol=0, atol=0)
+    assert all(torch.equal(after[2][n], w) for n, w in before[2].items())
+    # the reward adapter did train (it is trainable only inside its block), and is frozen again outside it
+    grads_after = after[3]
+    assert {n for n, g in grads_after.items() if g} == {n for n, g in before[3].items() if g}
+    assert not any(grads_after[n] for n in grads_after if f".{REWARD_ADAPTER}." in n)
+
+
+def test_adapter_is_restored_when_scoring_fails(tiny_peft_model):
+    reward_model = RewardModel.create(tiny_peft_model, base_model_id="tiny", pad_token_id=PAD)
+    with pytest.raises(ValueError, match="at least one token"):
+        reward_model.score([(1,), ()], [(2,), ()])
+    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+        reward_model.score([(1,), (2,)], [(3,)])
+    assert tiny_peft_model.active_adapter == POLICY_ADAPTER
+
+
+def test_scores_do_not_depend_on_padding_neighbours(tiny_peft_model):
+    reward_model = RewardModel.create(tiny_peft_model, base_model_id="tiny", pad_token_id=PAD)
+    alone = reward_model.score([(11, 12)], [(13,)])
+    batched = reward_model.score([(11, 12), tuple(range(100, 130))], [(13,), (14, 15)])
+    torch.testing.assert_close(batched[:1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_a_change_of_mind_replaces_the_rating_and_the_buffer_is_bounded(tiny_peft_model):
+    config = RewardModelConfig(max_examples=3)
+    reward_model = RewardModel.create(tiny_peft_model, base_model_id="tiny", pad_token_id=PAD, config=config)
+    reward_model.add([rated("a", (1,), True), rated("b", (1,), False), rated("c", (2,), True)])
+    reward_model.add([rated("a", (1,), False)])  # "a" is now the newest, rated down
+    reward_model.add([rated("d", (3,), True)])  # evicts the oldest: "b"
+    assert {k: e.thumbs_up for k, e in reward_model.examples.items()} == {"c": True, "a": False, "d": True}
+
+
+def test_save_and_load_round_trip_verifies_and_reproduces_scores(make_tiny_peft_model, tmp_path):
+    config = RewardModelConfig(lr=1e-3, heldout_fraction=0.25, lora_r=8, lora_alpha=16)
+    trained = RewardModel.create(make_tiny_peft_model(), base_model_id="tiny", pad_token_id=PAD, config=config)
+    trained.add(separable_examples(12, seed=2))
+    trained.train_increment()
+    sha = trained.save(tmp_path / "rm-1", metadata={"parent": None})
+    manifest = verify_adapter(tmp_path / "rm-1", base_model_id="tiny", sha256=sha)
+    assert manifest["metadata"]["config"]["lora_r"] == 8 and manifest["metadata"]["n_examples"] == 24
+    assert manifest["metadata"]["metrics"]["heldout_accuracy"] == trained.last_metrics.heldout_accuracy
+
+    fresh = make_tiny_peft_model()
+    loaded = RewardModel.load(fresh, tmp_path / "rm-1", base_model_id="tiny", pad_token_id=PAD, sha256=sha)
+    prompts, responses = [(1, 2, 3), (4,)], [(5, 6), (LIKED,)]
+    torch.testing.assert_close(loaded.score(prompts, responses), trained.score(prompts, responses))
+    assert (loaded.config, loaded.increments, fresh.active_adapter) == (config, 1, POLICY_ADAPTER)
+    with pytest.raises(AdapterArtifactError, match="never overwritten"):
+        trained.save(tmp_path / "rm-1")
+
+
+def test_a_corrupt_head_is_refused(tiny_peft_model, make_tiny_peft_model, tmp_path):
+    reward_model = RewardModel.create(tiny_peft_model, base_model_id="tiny", pad_token_id=PAD)
+    reward_model.save(tmp_path / "rm-1")
+    head = tmp_path / "rm-1" / EXTRA_TENSORS
+    head.write_bytes(head.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(AdapterArtifactError, match=EXTRA_TENSORS):
+        RewardModel.load(make_tiny_peft_model(), tmp_path / "rm-1", base_model_id="tiny", pad_token_id=PAD)

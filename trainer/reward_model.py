@@ -1,0 +1,289 @@
+"""A reward model learned from live thumbs: a second LoRA adapter on the policy's base plus a scalar head.
+
+Successful reward models have capacity similar to the generator, so the reward model is the policy's own base
+model with its own LoRA adapter (``"reward"``) on the same ``PeftModel``: no second copy of the base in memory.
+The score is a linear head on the final hidden state of the last token of prompt + response.
+
+Training (Ziegler et al. 2019; Ouyang et al. 2022, with single ratings instead of rankings):
+- pointwise: every rated response, logistic loss of the score against the thumb (up = 1, down = 0);
+- pairwise: where one prompt has both an up- and a down-rated response, Bradley–Terry −log σ(r_up − r_down).
+Labelled examples are kept in a bounded buffer keyed by completion id (a change of mind replaces the earlier
+rating); each increment trains a few epochs over the buffer from the current weights. A stable hash of the
+completion id puts a fixed fraction of examples in a held-out split that is never trained on.
+
+Adapter switching: peft has one active adapter per model, and ``set_adapter`` also flips ``requires_grad`` on
+every adapter's weights. ``adapter_active`` switches to the reward adapter for the duration of a ``with`` block
+and afterwards restores the previously active adapter and every parameter's ``requires_grad`` exactly, even
+when the block raises. The policy therefore never sees a change: after scoring or training the reward model,
+the policy adapter is active and trainable as before. It is not thread-safe: nothing else may run the model
+while the block runs (the trainer is one thread; serving has its own model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections import OrderedDict, defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from safetensors.torch import load_file
+from torch import nn
+
+from liveloop.adapters import EXTRA_TENSORS, default_lora_config, save_adapter, verify_adapter
+from trainer.tokens import left_pad, position_ids
+
+log = logging.getLogger(__name__)
+
+REWARD_ADAPTER = "reward"
+_HEAD_PREFIX = "score_head."
+
+
+@dataclass(frozen=True)
+class RewardModelConfig:
+    """Hyper-parameters of the reward model; saved with every reward-model version."""
+
+    lr: float = 1e-4  # AdamW step size for the reward LoRA and head; the usual LoRA fine-tuning rate
+    weight_decay: float = 0.0  # AdamW decoupled weight decay; LoRA is small enough not to need it
+    epochs_per_increment: int = 2  # passes over the buffer per increment: few, as each starts from trained weights
+    batch_size: int = 16  # examples per optimizer step (and per scoring forward)
+    max_grad_norm: float = 1.0  # gradient-norm clip; one mislabelled outlier must not blow up the head
+    heldout_fraction: float = 0.1  # share of completion ids never trained on, for held-out accuracy
+    pointwise_weight: float = 1.0  # weight of the logistic loss on single ratings (always available)
+    pairwise_weight: float = 1.0  # weight of Bradley–Terry on up/down pairs of one prompt (rarer, more informative)
+    max_examples: int = 4096  # bound of the labelled-example buffer; the oldest ratings are dropped first
+    lora_r: int = 16  # rank of the reward LoRA, as the policy's: similar capacity to the generator
+    lora_alpha: int = 32  # LoRA scaling numerator (alpha / r = 2, the LoRA paper's setting)
+    seed: int = 0  # head initialisation and minibatch shuffling
+
+
+@dataclass(frozen=True)
+class RatedResponse:
+    """One response with its latest thumb, as the feedback stream delivers it."""
+
+    completion_id: str
+    prompt_ids: tuple[int, ...]
+    response_ids: tuple[int, ...]
+    thumbs_up: bool
+
+
+@dataclass(frozen=True)
+class RewardModelMetrics:
+    """What one increment did; the worker exports these under the same names."""
+
+    increment: int  # increments trained so far, this one included
+    loss: float | None  # mean combined loss over the increment's last epoch; None when nothing was trained
+    pointwise_loss: float | None
+    pairwise_loss: float | None  # None also when the training split holds no up/down pair
+    heldout_accuracy: float | None  # share of held-out thumbs whose sign the score predicts; None without any
+    n_examples: int  # labelled examples in the buffer
+    n_train: int
+    n_heldout: int
+    n_pairs: int  # up/down pairs of one prompt in the training split
+
+
+def pointwise_loss(scores: torch.Tensor, thumbs_up: torch.Tensor) -> torch.Tensor:
+    """Logistic loss of scores (B,) against thumbs (B,) in {0, 1}: the score is the log-odds of a thumb up."""
+    return F.binary_cross_entropy_with_logits(scores, thumbs_up.to(scores.dtype))
+
+
+def pairwise_loss(scores_up: torch.Tensor, scores_down: torch.Tensor) -> torch.Tensor:
+    """Bradley–Terry: mean over pairs (P,) of −log σ(r_up − r_down)."""
+    return -F.logsigmoid(scores_up - scores_down).mean()
+
+
+def preference_pairs(examples: Sequence[RatedResponse]) -> tuple[list[int], list[int]]:
+    """Indices (up, down) of every up/down pair of responses to the same prompt within ``examples``."""
+    by_prompt: dict[tuple[int, ...], tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
+    for i, example in enumerate(examples):
+        by_prompt[example.prompt_ids][0 if example.thumbs_up else 1].append(i)
+    pairs = [(u, d) for ups, downs in by_prompt.values() for u in ups for d in downs]
+    return [u for u, _ in pairs], [d for _, d in pairs]
+
+
+def is_heldout(completion_id: str, fraction: float) -> bool:
+    """Stable split: the same completion id is held out in every process and every increment."""
+    digest = hashlib.sha256(completion_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2**64
+
+
+@contextmanager
+def adapter_active(model: PeftModel, name: str, *, trainable: bool) -> Iterator[None]:
+    """Make adapter ``name`` the active one inside the block; restore the adapter and requires_grad after."""
+    previous = model.active_adapter
+    requires_grad = {param: param.requires_grad for param in model.parameters()}
+    model.set_adapter(name, inference_mode=not trainable)
+    try:
+        yield
+    finally:
+        model.set_adapter(previous)
+        for param, flag in requires_grad.items():
+            param.requires_grad_(flag)
+
+
+class RewardModel:
+    """The reward adapter and scalar head on a shared ``PeftModel``, its example buffer and its optimizer."""
+
+    def __init__(self, model: PeftModel, head: nn.Linear, *, config: RewardModelConfig, base_model_id: str,
+                 pad_token_id: int, increments: int = 0) -> None:
+        self.model, self.head, self.config = model, head, config
+        self.base_model_id, self.pad_token_id = base_model_id, pad_token_id
+        self.increments = increments
+        self.examples: OrderedDict[str, RatedResponse] = OrderedDict()  # completion id → latest rating
+        self.last_metrics: RewardModelMetrics | None = None
+        adapter_params = [p for n, p in model.named_parameters() if "lora_" in n and f".{REWARD_ADAPTER}." in n]
+        assert adapter_params, f"the model has no {REWARD_ADAPTER!r} adapter"
+        # Adam state persists across increments: each increment continues the same optimisation
+        self.optimizer = torch.optim.AdamW([*adapter_params, *head.parameters()], lr=config.lr,
+                                           weight_decay=config.weight_decay)
+        self._generator = torch.Generator().manual_seed(config.seed)
+
+    @classmethod
+    def create(cls, model: PeftModel, *, base_model_id: str, pad_token_id: int,
+               config: RewardModelConfig | None = None) -> RewardModel:
+        """Add a fresh reward adapter (LoRA B = 0, so it starts as the base) and a new head to ``model``."""
+        config = config or RewardModelConfig()
+        model.add_adapter(REWARD_ADAPTER, default_lora_config(r=config.lora_r, alpha=config.lora_alpha))
+        hidden = model.get_base_model().config.hidden_size
+        head = nn.Linear(hidden, 1, device=model.device)
+        # std 1/sqrt(d+1) as in Ziegler et al.'s lm-human-preferences: initial scores of order one
+        nn.init.normal_(head.weight, std=1 / math.sqrt(hidden + 1),
+                        generator=torch.Generator(model.device).manual_seed(config.seed))
+        nn.init.zeros_(head.bias)
+        return cls(model, head, config=config, base_model_id=base_model_id, pad_token_id=pad_token_id)
+
+    @classmethod
+    def load(cls, model: PeftModel, path: Path, *, base_model_id: str, pad_token_id: int,
+             sha256: str | None = None) -> RewardModel:
+        """Load a saved version into ``model`` (replacing the weights of an existing reward adapter)."""
+        manifest = verify_adapter(path, base_model_id=base_model_id, sha256=sha256)
+        info = manifest["metadata"]
+        # is_trainable=True keeps peft from switching the whole model to eval mode; freeze it again below
+        model.load_adapter(path, adapter_name=REWARD_ADAPTER, is_trainable=True)
+        model.set_requires_grad(REWARD_ADAPTER, requires_grad=False)
+        tensors = load_file(path / EXTRA_TENSORS, device=str(model.device))
+        state = {k.removeprefix(_HEAD_PREFIX): v for k, v in tensors.items() if k.startswith(_HEAD_PREFIX)}
+        head = nn.Linear(state["weight"].shape[1], 1, device=model.device)
+        head.load_state_dict(state)
+        return cls(model, head, config=RewardModelConfig(**info["config"]), base_model_id=base_model_id,
+                   pad_token_id=pad_token_id, increments=info["increments"])
+
+    def add(self, examples: Iterable[RatedResponse]) -> None:
+        """Buffer new ratings; a newer rating of a completion replaces the older one, the oldest drop out."""
+        for example in examples:
+            self.examples.pop(example.completion_id, None)
+            self.examples[example.completion_id] = example
+        while len(self.examples) > self.config.max_examples:
+            self.examples.popitem(last=False)
+
+    @torch.no_grad()
+    def score(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Scores (B,) float32 of each prompt + response, in chunks of ``batch_size``; the policy stays active."""
+        if len(prompt_ids) != len(response_ids):
+            raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
+        if not prompt_ids:
+            return torch.zeros(0)
+        step = self.config.batch_size
+        with adapter_active(self.model, REWARD_ADAPTER, trainable=False):
+            chunks = [self._forward(prompt_ids[i:i + step], response_ids[i:i + step])
+                      for i in range(0, len(prompt_ids), step)]
+        return torch.cat(chunks).cpu()
+
+    def _forward(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Scores (B,) through the trunk only (no LM head): the hidden state of each sequence's last token."""
+        sequences = [[*p, *r] for p, r in zip(prompt_ids, response_ids, strict=True)]
+        input_ids, attention_mask = left_pad(sequences, self.pad_token_id)  # (B, T), last token in column T-1
+        device = self.model.device
+        trunk = self.model.get_base_model().get_decoder()
+        hidden = trunk(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                       position_ids=position_ids(attention_mask).to(device), use_cache=False).last_hidden_state
+        return self.head(hidden[:, -1].float()).squeeze(-1)  # (B, H) → (B,)
+
+    def train_increment(self) -> RewardModelMetrics:
+        """A few epochs over the buffer's training split from the current weights; then held-out accuracy."""
+        train = [e for e in self.examples.values() if not is_heldout(e.completion_id, self.config.heldout_fraction)]
+        epoch_stats: list[tuple[float, float, float | None]] = []
+        with adapter_active(self.model, REWARD_ADAPTER, trainable=True):
+            for _ in range(self.config.epochs_per_increment):
+                epoch_stats = [stats for batch in self._minibatches(train) if (stats := self._step(batch))]
+        self.increments += 1
+        n_heldout = len(self.examples) - len(train)
+        pair_losses = [pair for _, _, pair in epoch_stats if pair is not None]
+        self.last_metrics = RewardModelMetrics(
+            increment=self.increments,
+            loss=_mean([loss for loss, _, _ in epoch_stats]),
+            pointwise_loss=_mean([point for _, point, _ in epoch_stats]),
+            pairwise_loss=_mean(pair_losses),
+            heldout_accuracy=self.heldout_accuracy(),
+            n_examples=len(self.examples), n_train=len(train), n_heldout=n_heldout,
+            n_pairs=len(preference_pairs(train)[0]),
+        )
+        log.info("reward model increment %d: %s", self.increments, asdict(self.last_metrics))
+        return self.last_metrics
+
+    def _minibatches(self, examples: Sequence[RatedResponse]) -> Iterator[list[RatedResponse]]:
+        """Shuffled minibatches that keep the responses to one prompt together, so their pairs meet."""
+        by_prompt: dict[tuple[int, ...], list[RatedResponse]] = defaultdict(list)
+        for example in examples:
+            by_prompt[example.prompt_ids].append(example)
+        groups = list(by_prompt.values())
+        size, batch = self.config.batch_size, []
+        for i in torch.randperm(len(groups), generator=self._generator).tolist():
+            for start in range(0, len(groups[i]), size):  # a group larger than a batch is cut into batches
+                piece = groups[i][start:start + size]
+                if batch and len(batch) + len(piece) > size:
+                    yield batch
+                    batch = []
+                batch.extend(piece)
+        if batch:
+            yield batch
+
+    def _step(self, batch: list[RatedResponse]) -> tuple[float, float, float | None] | None:
+        """One optimizer step; returns (loss, pointwise, pairwise) or None when the loss was not finite."""
+        scores = self._forward([e.prompt_ids for e in batch], [e.response_ids for e in batch])  # (B,)
+        point = pointwise_loss(scores, torch.tensor([e.thumbs_up for e in batch], device=scores.device))
+        up, down = preference_pairs(batch)
+        pair = pairwise_loss(scores[up], scores[down]) if up else None
+        loss = self.config.pointwise_weight * point + (self.config.pairwise_weight * pair if up else 0.0)
+        if not torch.isfinite(loss):
+            log.warning("reward model: non-finite loss on a batch of %d, step skipped", len(batch))
+            return None
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_([p for group in self.optimizer.param_groups for p in group["params"]],
+                                 self.config.max_grad_norm)
+        self.optimizer.step()
+        return loss.item(), point.item(), pair.item() if up else None
+
+    def heldout_accuracy(self) -> float | None:
+        """Share of held-out ratings whose thumb the sign of the score predicts; None without held-out data."""
+        heldout = [e for e in self.examples.values() if is_heldout(e.completion_id, self.config.heldout_fraction)]
+        if not heldout:
+            return None
+        scores = self.score([e.prompt_ids for e in heldout], [e.response_ids for e in heldout])
+        thumbs_up = torch.tensor([e.thumbs_up for e in heldout])
+        return ((scores > 0) == thumbs_up).float().mean().item()
+
+    def save(self, dest: Path, *, metadata: dict | None = None) -> str:
+        """Write this version (adapter, head, config, last metrics) atomically to ``dest``; return its sha256."""
+        info = {
+            "kind": "reward_model",
+            "config": asdict(self.config),
+            "increments": self.increments,
+            "n_examples": len(self.examples),
+            "metrics": asdict(self.last_metrics) if self.last_metrics else None,
+            **(metadata or {}),
+        }
+        head = {_HEAD_PREFIX + k: v.detach() for k, v in self.head.state_dict().items()}
+        return save_adapter(self.model, REWARD_ADAPTER, dest, base_model_id=self.base_model_id, metadata=info,
+                            extra_tensors=head)
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
