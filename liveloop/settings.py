@@ -96,6 +96,61 @@ class Settings(BaseSettings):
     relay_poll_interval_s: float = Field(0.2, gt=0, description="How often an idle relay looks for new outbox rows.")
     relay_max_backoff_s: float = Field(30.0, gt=0, description="Longest wait between retries while Kafka is down.")
 
+    # --- registry ------------------------------------------------------------------------------------
+    artifact_dir: Path | None = Field(
+        None, description="Where the artifact store keeps adapter versions; default data_dir/adapters."
+    )
+
+    # --- gates ---------------------------------------------------------------------------------------
+    gate_holdout_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Share of live prompts (by a hash of the prompt) never trained on, for gates."
+    )
+    gate_prompts: int = Field(16, ge=1, description="Held-out prompts each gate run generates for.")
+    gate_max_new_tokens: int = Field(48, ge=1, description="Greedy tokens generated per held-out prompt.")
+    gate_reward_epsilon: float = Field(
+        0.05, ge=0, description="Reward may fall below the live version's by this much (thumbs-up rate in direct "
+        "mode, reward-model score otherwise).",
+    )
+    gate_reward_min_samples: int = Field(
+        8, ge=1, description="Rated held-out samples needed to estimate reward in direct mode; fewer skips gate 1."
+    )
+    gate_max_kl: float = Field(0.5, gt=0, description="Mean per-token KL(candidate ‖ base) on held-out prompts.")
+    gate_perplexity_delta: float = Field(
+        0.1, ge=0, description="Reference-text perplexity may be at most (1 + this) × the base model's."
+    )
+    gate_repetition_margin: float = Field(
+        0.15, ge=0, description="Repeated-trigram rate may exceed the base model's by at most this much."
+    )
+    gate_length_hit_margin: float = Field(
+        0.25, ge=0, description="Share of outputs cut at the token limit may exceed the base model's by this much."
+    )
+    gate_max_delta_norm: float = Field(
+        0.5, gt=0, description="Largest ‖ΔW‖ / ‖W‖ (Frobenius) over the adapted projections."
+    )
+
+    # --- promotion -----------------------------------------------------------------------------------
+    promotion_policy: Literal["auto", "manual"] = Field(
+        "auto", description="auto: passing the gates starts a canary (or promotes); manual: an engineer promotes."
+    )
+    canary_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Share of users (stable hash of the user id) served the canary; 0 disables."
+    )
+    canary_min_ratings: int = Field(50, ge=1, description="Ratings each side needs before the canary is decided.")
+    canary_alpha: float = Field(
+        0.05, gt=0, lt=1, description="Significance of the one-sided test 'canary thumbs-up rate < live's'."
+    )
+    rollback_window_s: float = Field(
+        86_400, gt=0, description="How long after a promotion its thumbs-up rate is watched for a rollback."
+    )
+    rollback_min_ratings: int = Field(50, ge=1, description="Ratings each side needs before a rollback decision.")
+    rollback_alpha: float = Field(
+        0.01, gt=0, lt=1, description="Significance of 'new version's thumbs-up rate < its predecessor's'."
+    )
+
+    @property
+    def resolved_artifact_dir(self) -> Path:
+        return self.artifact_dir or self.data_dir / "adapters"
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _parse_keys(cls, value: object) -> object:

@@ -41,6 +41,65 @@ class Completion(Base):
     latency_ms: Mapped[float] = mapped_column(Float)
 
 
+# --- adapter registry (liveloop.registry) ------------------------------------------------------------
+
+
+class AdapterHead(Base):
+    """One row per adapter kind ('policy', 'reward'): the lock each transition of that kind takes first, and a
+    revision counter it bumps, so a replica polling for routing changes reads one integer."""
+
+    __tablename__ = "adapter_heads"
+
+    kind: Mapped[str] = mapped_column(String(20), primary_key=True)
+    revision: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class AdapterVersion(Base):
+    """One immutable adapter artifact and where it is in its life. Rows are never deleted: a name, once used,
+    always means these weights (sha256)."""
+
+    __tablename__ = "adapter_versions"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    kind: Mapped[str] = mapped_column(ForeignKey("adapter_heads.kind"))
+    state: Mapped[str] = mapped_column(String(20), index=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    uri: Mapped[str] = mapped_column(String(1000))  # where the artifact store keeps it
+    base_model_id: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    state_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # lineage
+    parent: Mapped[str | None] = mapped_column(ForeignKey("adapter_versions.name"))  # the weights it started from
+    reward_source: Mapped[str | None] = mapped_column(String(200))  # 'direct' or 'reward_model:<version>'
+    consumed_event_ids: Mapped[list]
+    kafka_offsets: Mapped[dict]  # '<topic>:<partition>' -> next offset after the consumed batch
+    training_metrics: Mapped[dict]
+    gate_report: Mapped[dict | None]
+    # the version that was live when this one was last promoted (None: the base model); rollback returns to it
+    predecessor: Mapped[str | None] = mapped_column(ForeignKey("adapter_versions.name"))
+
+    __table_args__ = tuple(
+        Index(f"uq_adapter_versions_one_{state}", "kind", unique=True,
+              sqlite_where=text(f"state = '{state}'"), postgresql_where=text(f"state = '{state}'"))
+        for state in ("promoted", "canary")
+    )
+
+
+class AdapterTransition(Base):
+    """The audit log: every state change of every adapter version, who made it and why."""
+
+    __tablename__ = "adapter_transitions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    version: Mapped[str] = mapped_column(ForeignKey("adapter_versions.name"), index=True)
+    from_state: Mapped[str | None] = mapped_column(String(20))  # None: registration
+    to_state: Mapped[str] = mapped_column(String(20))
+    actor: Mapped[str] = mapped_column(String(200))  # 'trainer', 'gate', 'canary', 'rollback-monitor' or a person
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    reason: Mapped[str] = mapped_column(Text)
+    details: Mapped[dict]  # the statistics or report behind the decision
+
+
 # --- feedback (feedback/) ------------------------------------------------------------------------------------
 
 

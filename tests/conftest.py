@@ -79,3 +79,30 @@ def make_settings(tmp_path: Path):
         return Settings(_env_file=None, data_dir=tmp_path / "var", model_cache_dir=MODEL_CACHE, **overrides)
 
     return make
+
+
+@pytest.fixture
+def make_adapter_dir(tiny_model_dir: Path, tmp_path: Path):
+    """Write a LoRA adapter for the tiny model: ``make(name, scale=0.0, seed=0) -> directory``.
+
+    ``scale`` is the standard deviation of the B matrices: 0 is a freshly initialised LoRA (the base model's
+    function exactly); each seed gives other weights.
+    """
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from liveloop.adapters import default_lora_config, save_adapter
+
+    def make(name: str, scale: float = 0.0, seed: int = 0) -> Path:
+        torch.manual_seed(seed)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        model = get_peft_model(base, default_lora_config(r=4, alpha=8), adapter_name="policy")
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if "lora_B" in param_name:
+                    param.normal_(0.0, scale)
+        dest = tmp_path / "written-adapters" / name
+        save_adapter(model, "policy", dest, base_model_id=tiny_model_dir.name)
+        return dest
+
+    return make
