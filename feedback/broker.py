@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import signal
 import socket
 import subprocess
 import tempfile
@@ -101,11 +102,12 @@ class EmbeddedBroker:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL if it does not exit in time."""
+        """SIGINT (Tansu's SIGTERM waits 5 s for clients to hang up; a memory-only broker has nothing to flush),
+        then SIGKILL if it does not exit in time."""
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return
-        process.terminate()
+        process.send_signal(signal.SIGINT)
         try:
             process.wait(timeout_s)
         except subprocess.TimeoutExpired:
@@ -127,11 +129,12 @@ class EmbeddedBroker:
 
 
 @contextmanager
-def kafka_bootstrap(settings: Settings) -> Iterator[str]:
-    """The configured Kafka, or an embedded broker for as long as the block runs when none is configured."""
+def resolved_kafka(settings: Settings) -> Iterator[Settings]:
+    """``settings`` as they are when they name a Kafka; otherwise with an embedded broker, running for as long
+    as the block does, filled in as ``kafka_bootstrap``."""
     if settings.kafka_bootstrap:
-        yield settings.kafka_bootstrap
+        yield settings
         return
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     with EmbeddedBroker(log_path=settings.data_dir / "tansu.log") as broker:
-        yield broker.bootstrap
+        yield settings.model_copy(update={"kafka_bootstrap": broker.bootstrap})

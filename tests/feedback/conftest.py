@@ -1,0 +1,90 @@
+"""Fixtures of the feedback tests: one real Tansu broker per module, migrated databases, stored completions."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+from sqlalchemy.orm import Session, sessionmaker
+
+from feedback.broker import EmbeddedBroker
+from liveloop.db import make_engine, make_sessionmaker, migrate
+from liveloop.settings import Settings
+from liveloop.tables import Completion, utcnow
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+    """Shared by a module's tests; each test uses topics of its own (see ``kafka_settings``)."""
+    with EmbeddedBroker(log_path=tmp_path_factory.mktemp("broker") / "tansu.log") as running:
+        yield running
+
+
+@pytest.fixture
+def kafka_settings(make_settings, broker: EmbeddedBroker):
+    """Settings on the shared broker with topic names and a consumer group unique to the test."""
+
+    def make(**overrides) -> Settings:
+        suffix = uuid.uuid4().hex[:8]
+        names = {"feedback_topic": f"feedback-{suffix}", "feedback_dlq_topic": f"feedback-dlq-{suffix}",
+                 "adapter_events_topic": f"adapter-events-{suffix}", "feedback_consumer_group": f"trainer-{suffix}"}
+        quick = {"relay_poll_interval_s": 0.05, "relay_max_backoff_s": 0.5, "kafka_request_timeout_ms": 2_000,
+                 "kafka_delivery_timeout_ms": 4_000}
+        return make_settings(**{"kafka_bootstrap": broker.bootstrap} | quick | names | overrides)
+
+    return make
+
+
+@pytest.fixture
+def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
+    """A migrated database (SQLite and PostgreSQL, see ``database_url``)."""
+    migrate(database_url)
+    engine = make_engine(database_url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def add_completion(sessions: sessionmaker[Session]):
+    """Store a served completion the way the serving layer does; returns its id."""
+
+    def add(user_id: str | None = None, adapter_version: str | None = "policy-0001") -> str:
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        with sessions.begin() as session:
+            session.add(Completion(
+                id=completion_id, created_at=utcnow(), finished_at=utcnow(), user_id=user_id, end_user=None,
+                requested_model="liveloop", adapter_version=adapter_version,
+                messages=[{"role": "user", "content": "Say hi."}], prompt_token_ids=[1, 2, 3],
+                response_token_ids=[7, 8], response_text="Hi!", behaviour_logprobs=[-0.5, -1.25],
+                sampling_params={"temperature": 0.7, "top_p": 1.0, "max_tokens": 16, "seed": None, "stop": []},
+                dtype="float32", finish_reason="stop", prompt_tokens=3, completion_tokens=2, latency_ms=12.5,
+            ))
+        return completion_id
+
+    return add
+
+
+@pytest.fixture
+def read_topic():
+    """``read_topic(settings, topic, expected)``: every record on the topic, without a consumer group, waiting
+    until at least ``expected`` are there (or 20 s passed)."""
+    return _read_topic
+
+
+def _read_topic(settings: Settings, topic: str, expected: int, timeout_s: float = 20.0) -> list:
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
+                             auto_offset_reset="earliest")
+    partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+    consumer.assign(partitions)
+    records = []
+    try:
+        for _ in range(int(timeout_s / 0.5)):
+            records.extend(r for batch in consumer.poll(timeout_ms=500).values() for r in batch)
+            if len(records) >= expected:
+                records.extend(r for batch in consumer.poll(timeout_ms=200).values() for r in batch)
+                break
+    finally:
+        consumer.close()
+    return records
