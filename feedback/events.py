@@ -1,0 +1,92 @@
+"""The feedback event: one rating of one completion, as the trainer reads it from the feedback topic.
+
+It is self-contained on purpose: a trainer turns it into a logged PPO sample (prompt, response, behaviour
+log-probs under the sampling parameters actually used, the adapter version that produced them) and a reward
+without calling back into the API or its database.
+
+Compatibility: adding an optional field keeps ``schema_version``; removing, renaming or changing the meaning of
+a field is a new version. A consumer sends versions it does not know to the dead-letter topic.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SCHEMA_VERSION = 1
+
+
+class FeedbackEvent(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: str = Field(description="Unique per event; consumers drop repeats (delivery is at least once).")
+    feedback_id: str
+    completion_id: str = Field(description="Also the Kafka key: the ratings of one completion stay in order.")
+    revision: int = Field(ge=1, description="1 for a completion's first rating, +1 per change of mind.")
+    rating: Literal["up", "down"]
+    reward: float
+    supersedes: str | None = Field(description="The feedback id this rating replaces; never train on both.")
+    comment: str | None = None
+    user_id: str | None = None
+    rated_at: datetime
+    # --- the completion as served: a logged PPO sample ---
+    messages: list[dict]
+    prompt_token_ids: list[int]
+    response_token_ids: list[int]
+    behaviour_logprobs: list[float] = Field(description="Per response token, under sampling_params, at serve time.")
+    adapter_version: str | None = Field(description="None: the base model served it.")
+    sampling_params: dict = Field(description="liveloop.sampling.SamplingParams.to_dict() of the request.")
+    dtype: str = Field(description="Compute dtype the behaviour log-probs were recorded in.")
+    completion_created_at: datetime
+
+    @model_validator(mode="after")
+    def _one_logprob_per_token(self) -> FeedbackEvent:
+        if len(self.behaviour_logprobs) != len(self.response_token_ids):
+            raise ValueError(f"{len(self.behaviour_logprobs)} behaviour log-probs for "
+                             f"{len(self.response_token_ids)} response tokens")
+        return self
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class InvalidEvent(ValueError):
+    """A message on the feedback topic that this consumer cannot use; ``reason`` goes to the dead-letter topic."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class MalformedEvent(InvalidEvent):
+    pass
+
+
+class UnknownSchemaVersion(InvalidEvent):
+    pass
+
+
+def parse_event(raw: bytes | None) -> FeedbackEvent:
+    """The event in ``raw`` (a Kafka message value), or a typed error that says what is wrong with it."""
+    if raw is None:
+        raise MalformedEvent("message has no value")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedEvent(f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise MalformedEvent(f"not a JSON object but a {type(data).__name__}")
+    if "schema_version" not in data:
+        raise MalformedEvent("no schema_version")
+    version = data["schema_version"]
+    if version != SCHEMA_VERSION:
+        raise UnknownSchemaVersion(f"unknown schema_version {version!r}; this consumer reads {SCHEMA_VERSION}")
+    try:
+        return FeedbackEvent.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'event'}: {e['msg']}" for e in exc.errors())
+        raise MalformedEvent(f"invalid version {SCHEMA_VERSION} event: {problems}") from None

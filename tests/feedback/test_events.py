@@ -1,0 +1,58 @@
+import json
+
+import pytest
+
+from feedback.events import SCHEMA_VERSION, FeedbackEvent, MalformedEvent, UnknownSchemaVersion, parse_event
+
+
+def event(**overrides) -> dict:
+    fields = dict(
+        schema_version=SCHEMA_VERSION, event_id="e1", feedback_id="fb-1", completion_id="chatcmpl-1", revision=1,
+        rating="up", reward=1.0, supersedes=None, rated_at="2026-11-24T03:00:00Z",
+        messages=[{"role": "user", "content": "hi"}],
+        prompt_token_ids=[1, 2], response_token_ids=[3, 4], behaviour_logprobs=[-0.1, -0.2],
+        adapter_version=None, sampling_params={"temperature": 0.7}, dtype="float32",
+        completion_created_at="2026-11-24T02:59:59Z",
+    )
+    return fields | overrides
+
+
+def test_event_round_trips_through_bytes():
+    parsed = parse_event(json.dumps(event()).encode())
+    assert parsed.schema_version == SCHEMA_VERSION
+    assert parse_event(parsed.to_bytes()) == parsed
+
+
+def test_fields_added_later_in_the_same_version_are_ignored():
+    assert parse_event(json.dumps(event(added_in_a_later_release=True)).encode()).event_id == "e1"
+
+
+@pytest.mark.parametrize(("raw", "error", "reason"), [
+    (None, MalformedEvent, "no value"),
+    (b"\xff\xfe", MalformedEvent, "not JSON"),
+    (b"{not json", MalformedEvent, "not JSON"),
+    (b"[1, 2]", MalformedEvent, "not a JSON object but a list"),
+    (json.dumps(event(schema_version=2)).encode(), UnknownSchemaVersion, "unknown schema_version 2"),
+    (json.dumps({"rating": "up"}).encode(), MalformedEvent, "no schema_version"),
+    (json.dumps(event(schema_version="1")).encode(), UnknownSchemaVersion, "unknown schema_version '1'"),
+    (json.dumps(event(rating="meh")).encode(), MalformedEvent, "rating"),
+    (json.dumps(event(revision=0)).encode(), MalformedEvent, "revision"),
+    (json.dumps(event(behaviour_logprobs=[-0.1])).encode(), MalformedEvent, "1 behaviour log-probs for 2"),
+])
+def test_unusable_messages_raise_a_typed_error_with_the_reason(raw, error, reason):
+    with pytest.raises(error) as caught:
+        parse_event(raw)
+    assert reason in caught.value.reason
+
+
+def test_missing_fields_are_named():
+    data = event()
+    del data["completion_id"]
+    with pytest.raises(MalformedEvent, match="completion_id: Field required"):
+        parse_event(json.dumps(data).encode())
+
+
+def test_event_is_immutable():
+    parsed = FeedbackEvent.model_validate(event())
+    with pytest.raises(ValueError):
+        parsed.reward = 5.0
