@@ -32,9 +32,11 @@ class AdapterArtifactError(Exception):
     """The directory is not a usable adapter for this base model."""
 
 
-def default_lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.0) -> LoraConfig:
+def default_lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.0,
+                        layers_to_transform: list[int] | None = None) -> LoraConfig:
+    """LoRA on the seven projections of every decoder layer, or of ``layers_to_transform`` only."""
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, bias="none",
-                      task_type="CAUSAL_LM")
+                      layers_to_transform=layers_to_transform, task_type="CAUSAL_LM")
 
 
 def sha256_file(path: Path) -> str:

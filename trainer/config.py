@@ -1,0 +1,149 @@
+"""Every PPO hyper-parameter in one dataclass, each with what it does and why its default.
+
+The config is saved into every adapter checkpoint (``PPOConfig.to_dict``) and checked when one is loaded
+(``PPOConfig.check_resumable``): the LoRA shape must match the saved weights; other differences are allowed
+(an operator may retune the learning rate) and logged. Sizes derived from it are computed here only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, fields
+
+from peft import LoraConfig
+
+from liveloop.adapters import default_lora_config
+
+log = logging.getLogger(__name__)
+
+# Fields that change the shape or meaning of the saved adapter weights; a checkpoint with others is unusable.
+_ADAPTER_SHAPE_FIELDS = ("lora_r", "lora_alpha", "lora_layers_fraction")
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    # --- optimisation ----------------------------------------------------------------------------------
+    learning_rate: float = 5e-5
+    """Adam step size for the LoRA and value-head weights. lm-human-preferences fine-tuned GPT-2 (124M) fully
+    at 1.41e-5; a low-rank update needs a few times more to move the policy as far, and live batches are small
+    and noisy, so we stay within a small factor of it."""
+    adam_eps: float = 1e-5
+    """Adam epsilon; 1e-5 rather than torch's 1e-8, as in OpenAI baselines' PPO (one of the "37 details")."""
+    ppo_epochs: int = 4
+    """Passes over each batch. More reuse of scarce live feedback; clipping keeps the later passes honest."""
+    num_minibatches: int = 4
+    """Each epoch is split into this many shuffled minibatches, one optimiser step each (16 steps per batch)."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip (TRL's default); a burst of extreme advantages cannot take one huge step."""
+    seed: int = 0
+    """Seeds the minibatch shuffle (mixed with the policy version), so an update is reproducible."""
+
+    # --- PPO objective ---------------------------------------------------------------------------------
+    clip_eps: float = 0.2
+    """Clip range ε of the ratio π_θ/π_prox (Schulman et al., 2017)."""
+    value_clip: float = 0.2
+    """Clip range of the new value around the old one, in reward units (TRL's ``cliprange_value``)."""
+    vf_coef: float = 0.1
+    """Weight of the value loss. The value head shares the LoRA trunk with the policy; TRL's 0.1 keeps the
+    critic's gradients from dominating the policy's in the shared adapter."""
+    ent_coef: float = 0.0
+    """Entropy bonus. 0 as in InstructGPT and TRL: the KL penalty to the reference already keeps the policy
+    from collapsing. Entropy is always measured and reported."""
+    gamma: float = 1.0
+    """Discount. 1: the score arrives at the last token and every token of the response shares in it."""
+    lam: float = 0.95
+    """GAE λ: trades the value head's bias (λ→0) against the score's variance (λ→1); lm-human-preferences."""
+
+    # --- KL to the reference (the base model, adapter off) ---------------------------------------------
+    init_kl_coef: float = 0.2
+    """Initial β of the per-token penalty −β·KL(π‖π_ref) (Ziegler et al., 2019)."""
+    target_kl: float | None = 6.0
+    """Adaptive KL: the summed per-sequence KL β is steered towards, in nats (Ziegler et al.). None: fixed β."""
+    kl_horizon: int = 10_000
+    """Adaptive KL: sequences over which β moves by at most ±20 % per unit of proportional error."""
+
+    # --- off-policy correction -------------------------------------------------------------------------
+    temperature: float = 1.0
+    """Training-side temperature for samples recorded greedily (T = 0), whose behaviour distribution is a point
+    mass and says nothing about a temperature. Sampled responses use the temperature they were sampled at."""
+    is_weight_cap: float = 2.0
+    """Truncated importance sampling: each token's weight π_prox/μ is capped here (verl's rollout correction,
+    default 2), bounding the variance a stale or top-p-truncated behaviour log-prob can add."""
+    max_staleness: int = 4
+    """Samples generated more than this many adapter versions ago are dropped before the update (AReaL's
+    ``max_head_offpolicyness``, whose examples use 4): older than that, few tokens keep a usable weight."""
+
+    # --- model and speed -------------------------------------------------------------------------------
+    lora_r: int = 16
+    """LoRA rank on the policy adapter (the serving benchmark's r16)."""
+    lora_alpha: int = 32
+    """LoRA scale numerator: the update is scaled by alpha/r = 2, the common choice."""
+    lora_layers_fraction: float = 0.5
+    """LoRA goes on the top ⌈f·L⌉ decoder layers only. The frozen lower layers then run once per batch, under
+    no-grad, and their output is reused by the reference pass, the proximal pass and every epoch; the backward
+    stops at the first adapted layer. Measured in bench/ppo.py; the upper half keeps most of the capacity."""
+    logits_chunk: int = 256
+    """Response positions whose (chunk, vocab) logits exist at once; bounds the lm_head's transient memory."""
+    bf16_autocast: bool = False
+    """CPU bf16 autocast for the transformer. Off: without AVX512-BF16/AMX the matmuls are emulated, measured
+    5× slower than fp32 on this project's AVX2 machines; turn on where the hardware has bf16 units."""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "learning_rate > 0": self.learning_rate > 0,
+            "ppo_epochs >= 1": self.ppo_epochs >= 1,
+            "num_minibatches >= 1": self.num_minibatches >= 1,
+            "0 < clip_eps < 1": 0 < self.clip_eps < 1,
+            "value_clip > 0": self.value_clip > 0,
+            "0 <= gamma <= 1 and 0 <= lam <= 1": 0 <= self.gamma <= 1 and 0 <= self.lam <= 1,
+            "init_kl_coef >= 0": self.init_kl_coef >= 0,
+            "target_kl is None or > 0": self.target_kl is None or self.target_kl > 0,
+            "temperature > 0": self.temperature > 0,
+            "is_weight_cap >= 1": self.is_weight_cap >= 1,
+            "max_staleness >= 0": self.max_staleness >= 0,
+            "0 < lora_layers_fraction <= 1": 0 < self.lora_layers_fraction <= 1,
+            "logits_chunk >= 1": self.logits_chunk >= 1,
+        }
+        failed = [rule for rule, ok in checks.items() if not ok]
+        if failed:
+            raise ValueError(f"invalid PPOConfig: {', '.join(failed)}")
+
+    # --- derived sizes, computed here only -------------------------------------------------------------
+    def minibatch_size(self, batch_size: int) -> int:
+        """Sequences per minibatch; the last minibatch of an epoch may be smaller."""
+        return math.ceil(batch_size / self.num_minibatches)
+
+    def lora_layers(self, num_hidden_layers: int) -> list[int]:
+        """Indices of the decoder layers that carry the policy adapter: the top ⌈f·L⌉."""
+        count = math.ceil(self.lora_layers_fraction * num_hidden_layers)
+        return list(range(num_hidden_layers - count, num_hidden_layers))
+
+    def lora_config(self, num_hidden_layers: int) -> LoraConfig:
+        # dropout 0: the proximal log-probs must be reproducible, so the first ratio is exactly 1
+        return default_lora_config(r=self.lora_r, alpha=self.lora_alpha,
+                                   layers_to_transform=self.lora_layers(num_hidden_layers))
+
+    # --- checkpoint metadata ---------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PPOConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown PPOConfig fields {sorted(unknown)}")
+        return cls(**data)
+
+    def check_resumable(self, saved: dict) -> None:
+        """Refuse a checkpoint whose adapter shape differs from this config; log other differences."""
+        saved_config = PPOConfig.from_dict(saved)
+        shape = [f for f in _ADAPTER_SHAPE_FIELDS if getattr(saved_config, f) != getattr(self, f)]
+        if shape:
+            raise ValueError("checkpoint adapter differs from this PPOConfig in " + ", ".join(
+                f"{f} (saved {getattr(saved_config, f)}, configured {getattr(self, f)})" for f in shape))
+        changed = {f.name: (getattr(saved_config, f.name), getattr(self, f.name)) for f in fields(self)
+                   if getattr(saved_config, f.name) != getattr(self, f.name)}
+        if changed:
+            log.info("resuming with changed hyper-parameters (saved → now): %s", changed)
