@@ -29,6 +29,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,9 @@ from torch import nn
 
 from liveloop.adapters import EXTRA_TENSORS, default_lora_config, save_adapter, verify_adapter
 from trainer.tokens import left_pad, position_ids
+
+if TYPE_CHECKING:
+    from feedback.events import FeedbackEvent
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +75,11 @@ class RatedResponse:
     prompt_ids: tuple[int, ...]
     response_ids: tuple[int, ...]
     thumbs_up: bool
+
+    @classmethod
+    def from_event(cls, event: FeedbackEvent) -> RatedResponse:
+        return cls(event.completion_id, tuple(event.prompt_token_ids), tuple(event.response_token_ids),
+                   event.rating == "up")
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime
 
 import pytest
 import torch
 
+from feedback.events import FeedbackEvent
 from liveloop.adapters import EXTRA_TENSORS, AdapterArtifactError, verify_adapter
 from tests.trainer.conftest import POLICY_ADAPTER
 from trainer.reward_model import (
@@ -128,6 +130,17 @@ def test_scores_do_not_depend_on_padding_neighbours(tiny_peft_model):
     alone = reward_model.score([(11, 12)], [(13,)])
     batched = reward_model.score([(11, 12), tuple(range(100, 130))], [(13,), (14, 15)])
     torch.testing.assert_close(batched[:1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_a_feedback_event_becomes_a_rated_response():
+    now = datetime.now(UTC)
+    event = FeedbackEvent(
+        event_id="e1", feedback_id="f2", completion_id="chatcmpl-1", revision=2, rating="down", reward=-1.0,
+        supersedes="f1", rated_at=now, messages=[{"role": "user", "content": "hi"}], prompt_token_ids=[1, 2],
+        response_token_ids=[3, 4], behaviour_logprobs=[-0.5, -0.1], adapter_version=None,
+        sampling_params={"temperature": 1.0}, dtype="float32", completion_created_at=now,
+    )
+    assert RatedResponse.from_event(event) == RatedResponse("chatcmpl-1", (1, 2), (3, 4), thumbs_up=False)
 
 
 def test_a_change_of_mind_replaces_the_rating_and_the_buffer_is_bounded(tiny_peft_model):
