@@ -11,12 +11,20 @@ a field is a new version. A consumer sends versions it does not know to the dead
 from __future__ import annotations
 
 import json
-from datetime import datetime
-from typing import Literal
+from datetime import UTC, datetime
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 SCHEMA_VERSION = 1
+
+
+def as_utc(moment: datetime) -> datetime:
+    """Times are UTC throughout; SQLite hands them back without a zone, so a naive time is read as UTC."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+UTCDatetime = Annotated[datetime, AfterValidator(as_utc)]
 
 
 class FeedbackEvent(BaseModel):
@@ -32,7 +40,7 @@ class FeedbackEvent(BaseModel):
     supersedes: str | None = Field(description="The feedback id this rating replaces; never train on both.")
     comment: str | None = None
     user_id: str | None = None
-    rated_at: datetime
+    rated_at: UTCDatetime
     # --- the completion as served: a logged PPO sample ---
     messages: list[dict]
     prompt_token_ids: list[int]
@@ -41,7 +49,7 @@ class FeedbackEvent(BaseModel):
     adapter_version: str | None = Field(description="None: the base model served it.")
     sampling_params: dict = Field(description="liveloop.sampling.SamplingParams.to_dict() of the request.")
     dtype: str = Field(description="Compute dtype the behaviour log-probs were recorded in.")
-    completion_created_at: datetime
+    completion_created_at: UTCDatetime
 
     @model_validator(mode="after")
     def _one_logprob_per_token(self) -> FeedbackEvent:

@@ -1,0 +1,11 @@
+"""Prometheus metrics of the feedback log (exported by whichever process runs the relay or the consumer)."""
+
+from prometheus_client import Counter, Gauge
+
+OUTBOX_DEPTH = Gauge("liveloop_outbox_depth", "Outbox rows not yet acknowledged by Kafka.")
+PUBLISHED = Counter("liveloop_outbox_published", "Outbox messages acknowledged by Kafka.")
+PUBLISH_ERRORS = Counter("liveloop_outbox_publish_errors", "Outbox messages Kafka did not acknowledge (retried).")
+CONSUMED = Counter("liveloop_feedback_consumed", "Feedback events handed to the caller in batches.")
+DUPLICATES = Counter("liveloop_feedback_duplicates", "Feedback events dropped as repeats of an event id.")
+SUPERSEDED = Counter("liveloop_feedback_superseded", "Ratings dropped because a later one in the batch replaced them.")
+DEAD_LETTERED = Counter("liveloop_feedback_dead_lettered", "Messages sent to the dead-letter topic.", ["reason"])

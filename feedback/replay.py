@@ -1,0 +1,54 @@
+"""Republishing stored feedback events from the database, the system of record.
+
+For backfills and disaster recovery: the embedded broker keeps nothing across restarts, and a Kafka cluster can
+lose a topic. Events go out again exactly as first published (same event ids, same keys, original order), so a
+consumer that already has some drops those as repeats.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from feedback.events import as_utc
+from feedback.kafka import Publisher
+from feedback.relay import outbox_message
+from liveloop.settings import Settings
+from liveloop.tables import OutboxMessage
+
+log = logging.getLogger(__name__)
+
+
+class ReplayError(RuntimeError):
+    pass
+
+
+def replay(session_factory: sessionmaker[Session], settings: Settings, *, since: datetime,
+           until: datetime | None = None, batch_size: int = 500) -> int:
+    """Republish the feedback events recorded in [since, until) (naive times are UTC); returns how many Kafka
+    acknowledged. Raises ReplayError at the first batch Kafka did not fully acknowledge; running it again is
+    safe."""
+    query = select(OutboxMessage).where(OutboxMessage.topic == settings.feedback_topic,
+                                        OutboxMessage.created_at >= as_utc(since))
+    if until is not None:
+        query = query.where(OutboxMessage.created_at < as_utc(until))
+    publisher = Publisher(settings, "liveloop-replay")
+    republished, after_id = 0, 0
+    try:
+        while True:
+            with session_factory() as session:
+                rows = session.scalars(query.where(OutboxMessage.id > after_id)
+                                       .order_by(OutboxMessage.id).limit(batch_size)).all()
+            if not rows:
+                log.info("replayed %d feedback events", republished)
+                return republished
+            errors = [error for error in publisher.publish([outbox_message(row) for row in rows]) if error]
+            if errors:
+                raise ReplayError(f"Kafka did not acknowledge {len(errors)} of {len(rows)} events ({errors[0]}); "
+                                  f"{republished} were republished before them")
+            republished, after_id = republished + len(rows), rows[-1].id
+    finally:
+        publisher.close()

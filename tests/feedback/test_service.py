@@ -1,0 +1,116 @@
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from sqlalchemy import func, select
+
+from feedback.events import parse_event
+from feedback.service import (
+    FeedbackConfig,
+    FeedbackIdConflict,
+    InvalidFeedback,
+    NotCompletionOwner,
+    UnknownCompletion,
+    record_feedback,
+)
+from liveloop.tables import Feedback, OutboxMessage
+
+
+def stored(sessions):
+    with sessions() as session:
+        feedback = session.scalars(select(Feedback).order_by(Feedback.created_at)).all()
+        outbox = session.scalars(select(OutboxMessage).order_by(OutboxMessage.id)).all()
+    return feedback, outbox
+
+
+def test_rating_writes_the_feedback_row_and_a_self_contained_event(sessions, add_completion):
+    completion_id = add_completion(user_id="alice")
+    result = record_feedback(sessions, completion_id=completion_id, rating="down", comment="wrong", user_id="alice",
+                             config=FeedbackConfig(topic="fb-topic", reward_down=-0.5))
+    [row], [message] = stored(sessions)
+    assert (row.id, row.rating, row.reward, row.revision, row.supersedes_id) == (result.id, "down", -0.5, 1, None)
+    assert (message.topic, message.key, message.sent_at, message.attempts) == ("fb-topic", completion_id, None, 0)
+    event = parse_event(str.encode(__import__("json").dumps(message.payload)))
+    assert (event.event_id, event.feedback_id, event.completion_id) == (message.event_id, result.id, completion_id)
+    assert (event.rating, event.reward, event.comment, event.user_id) == ("down", -0.5, "wrong", "alice")
+    assert (event.prompt_token_ids, event.response_token_ids, event.behaviour_logprobs) == ([1, 2, 3], [7, 8],
+                                                                                           [-0.5, -1.25])
+    assert (event.adapter_version, event.sampling_params["temperature"], event.dtype) == ("policy-0001", 0.7,
+                                                                                          "float32")
+    assert result.created
+
+
+def test_same_feedback_id_gets_the_same_answer_and_no_second_event(sessions, add_completion):
+    completion_id = add_completion()
+    first = record_feedback(sessions, completion_id=completion_id, rating="up", feedback_id="client-1")
+    again = record_feedback(sessions, completion_id=completion_id, rating="up", feedback_id="client-1")
+    assert (again.id, again.created_at, again.revision) == (first.id, first.created_at, first.revision)
+    assert (first.created, again.created) == (True, False)
+    feedback, outbox = stored(sessions)
+    assert (len(feedback), len(outbox)) == (1, 1)
+
+
+def test_feedback_id_reused_for_another_rating_is_a_conflict_and_stores_nothing(sessions, add_completion):
+    completion_id = add_completion()
+    record_feedback(sessions, completion_id=completion_id, rating="up", feedback_id="client-1")
+    with pytest.raises(FeedbackIdConflict, match="client-1"):
+        record_feedback(sessions, completion_id=completion_id, rating="down", feedback_id="client-1")
+    with pytest.raises(FeedbackIdConflict):
+        record_feedback(sessions, completion_id=add_completion(), rating="up", feedback_id="client-1")
+    assert [len(rows) for rows in stored(sessions)] == [1, 1]
+
+
+def test_change_of_mind_supersedes_the_previous_rating(sessions, add_completion):
+    completion_id = add_completion()
+    first = record_feedback(sessions, completion_id=completion_id, rating="up")
+    second = record_feedback(sessions, completion_id=completion_id, rating="down")
+    third = record_feedback(sessions, completion_id=completion_id, rating="up")
+    assert [(r.revision, r.supersedes) for r in (first, second, third)] == [(1, None), (2, first.id), (3, second.id)]
+    _, outbox = stored(sessions)
+    assert [(m.payload["revision"], m.payload["supersedes"], m.payload["reward"]) for m in outbox] == [
+        (1, None, 1.0), (2, first.id, -1.0), (3, second.id, 1.0)]
+
+
+def test_unknown_completion_and_bad_input_store_nothing(sessions, add_completion):
+    with pytest.raises(UnknownCompletion, match="nope"):
+        record_feedback(sessions, completion_id="nope", rating="up")
+    completion_id = add_completion()
+    with pytest.raises(InvalidFeedback, match="rating must be one of up, down"):
+        record_feedback(sessions, completion_id=completion_id, rating="sideways")
+    with pytest.raises(InvalidFeedback, match="at most 10"):
+        record_feedback(sessions, completion_id=completion_id, rating="up", comment="x" * 11,
+                        config=FeedbackConfig(comment_max_chars=10))
+    assert stored(sessions) == ([], [])
+
+
+def test_only_the_key_that_received_a_completion_may_rate_it(sessions, add_completion):
+    completion_id = add_completion(user_id="alice")
+    with pytest.raises(NotCompletionOwner):
+        record_feedback(sessions, completion_id=completion_id, rating="down", user_id="mallory")
+    assert stored(sessions) == ([], [])
+    record_feedback(sessions, completion_id=completion_id, rating="up", user_id="alice")
+    # without API keys (the open embedded default) the caller has no identity and anyone may rate
+    record_feedback(sessions, completion_id=completion_id, rating="down", user_id=None)
+    assert [row.user_id for row in stored(sessions)[0]] == ["alice", None]
+
+
+def test_concurrent_requests_with_one_feedback_id_store_one_rating(sessions, add_completion):
+    completion_id = add_completion()
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: record_feedback(sessions, completion_id=completion_id, rating="up",
+                                                          feedback_id="retried"), range(16)))
+    assert len({r.id for r in results}) == 1
+    assert sum(r.created for r in results) == 1
+    assert [len(rows) for rows in stored(sessions)] == [1, 1]
+
+
+def test_concurrent_changes_of_mind_form_one_chain(sessions, add_completion):
+    completion_id = add_completion()
+    ratings = ["up", "down"] * 6
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda rating: record_feedback(sessions, completion_id=completion_id, rating=rating,
+                                                               max_attempts=50), ratings))
+    by_revision = {r.revision: r for r in results}
+    assert sorted(by_revision) == list(range(1, len(ratings) + 1))
+    assert all(by_revision[n].supersedes == by_revision[n - 1].id for n in range(2, len(ratings) + 1))
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(OutboxMessage)) == len(ratings)
