@@ -1,0 +1,100 @@
+"""The outbox relay: publishes unsent outbox rows to Kafka and marks each sent once the broker acknowledged it.
+
+Delivery is at least once (a crash between the ack and the commit republishes a batch; consumers drop repeats
+by event id). While Kafka is down the rows simply wait, the API keeps accepting feedback, and the relay retries
+with exponential backoff. Several relays can run against PostgreSQL: each locks its batch with ``FOR UPDATE
+SKIP LOCKED`` so they never publish the same rows. SQLite has a single writer; run one relay there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from feedback import metrics
+from feedback.kafka import Message, Publisher
+from liveloop.settings import Settings
+from liveloop.tables import OutboxMessage, utcnow
+
+log = logging.getLogger(__name__)
+
+
+def outbox_message(row: OutboxMessage) -> Message:
+    value = json.dumps(row.payload, separators=(",", ":")).encode()
+    return Message(row.topic, row.key, value, headers=(("event_id", row.event_id.encode()),))
+
+
+class Relay:
+    def __init__(self, session_factory: sessionmaker[Session], settings: Settings, client_id: str = "liveloop-relay"):
+        self._sessions = session_factory
+        self._publisher = Publisher(settings, client_id)
+        self._batch_size = settings.relay_batch_size
+        self._poll_interval_s, self._max_backoff_s = settings.relay_poll_interval_s, settings.relay_max_backoff_s
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def relay_once(self) -> tuple[int, int]:
+        """Publish one batch of unsent rows, oldest first; returns (acknowledged, failed)."""
+        with self._sessions.begin() as session:
+            rows = session.scalars(
+                select(OutboxMessage).where(OutboxMessage.sent_at.is_(None)).order_by(OutboxMessage.id)
+                .limit(self._batch_size).with_for_update(skip_locked=True)
+            ).all()
+            if not rows:
+                return 0, 0
+            errors = self._publisher.publish([outbox_message(row) for row in rows])
+            now = utcnow()
+            for row, error in zip(rows, errors, strict=True):
+                if error is None:
+                    row.sent_at = now
+                else:
+                    row.attempts += 1
+                    row.last_error = f"{type(error).__name__}: {error}"[:2_000]
+        failed = sum(error is not None for error in errors)
+        metrics.PUBLISHED.inc(len(rows) - failed)
+        metrics.PUBLISH_ERRORS.inc(failed)
+        if failed:
+            log.warning("Kafka did not acknowledge %d of %d outbox messages: %s", failed, len(rows),
+                        next(error for error in errors if error is not None))
+        return len(rows) - failed, failed
+
+    def depth(self) -> int:
+        with self._sessions() as session:
+            return session.scalar(select(func.count()).select_from(OutboxMessage)
+                                  .where(OutboxMessage.sent_at.is_(None)))
+
+    def run(self) -> None:
+        """Relay until ``stop``: at once while there is a backlog, every poll interval when idle, with doubling
+        waits (up to the maximum backoff) while Kafka or the database fails."""
+        backoff_s = 0.0
+        while not self._stopping.is_set():
+            try:
+                sent, failed = self.relay_once()
+                metrics.OUTBOX_DEPTH.set(self.depth())
+            except Exception:  # the database is unreachable, say: keep the thread alive and retry
+                log.exception("outbox relay round failed")
+                sent, failed = 0, 1
+            if failed:
+                backoff_s = min(self._max_backoff_s, max(self._poll_interval_s, 2 * backoff_s))
+                self._stopping.wait(backoff_s)
+            else:
+                backoff_s = 0.0
+                if sent < self._batch_size:
+                    self._stopping.wait(self._poll_interval_s)
+
+    def start(self) -> Relay:
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self.run, name="outbox-relay", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+        self._publisher.close()

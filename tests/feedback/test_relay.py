@@ -1,0 +1,96 @@
+import threading
+import time
+
+import pytest
+from prometheus_client import REGISTRY
+from sqlalchemy import select
+
+from feedback.events import parse_event
+from feedback.relay import Relay
+from feedback.service import FeedbackConfig, record_feedback
+from liveloop.tables import OutboxMessage
+
+
+def rate(sessions, settings, completion_ids, rating="up"):
+    config = FeedbackConfig.from_settings(settings)
+    return [record_feedback(sessions, completion_id=c, rating=rating, config=config) for c in completion_ids]
+
+
+def outbox(sessions):
+    with sessions() as session:
+        return session.scalars(select(OutboxMessage).order_by(OutboxMessage.id)).all()
+
+
+def wait_until(condition, timeout_s=30.0):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+def test_relay_publishes_in_order_and_marks_rows_sent_after_the_ack(sessions, add_completion, kafka_settings,
+                                                                    read_topic):
+    settings = kafka_settings()
+    completion = add_completion()
+    results = rate(sessions, settings, [completion] * 3) + rate(sessions, settings, [add_completion()])
+    relay = Relay(sessions, settings)
+    assert relay.relay_once() == (4, 0)
+    assert relay.relay_once() == (0, 0)
+    assert all(row.sent_at is not None and row.attempts == 0 for row in outbox(sessions))
+    records = read_topic(settings, settings.feedback_topic, 4)
+    events = [parse_event(r.value) for r in records]
+    assert sorted(e.feedback_id for e in events) == sorted(r.id for r in results)
+    assert {r.key.decode() for r in records} == {e.completion_id for e in events}
+    assert all(dict(r.headers)["event_id"] == parse_event(r.value).event_id.encode() for r in records)
+    same_completion = [e.revision for e in events if e.completion_id == completion]
+    assert same_completion == [1, 2, 3]  # keyed by completion: one partition, in order
+    relay.stop()
+
+
+def test_outbox_grows_while_kafka_is_down_and_drains_when_it_is_back(sessions, add_completion, kafka_settings,
+                                                                     broker, read_topic):
+    settings = kafka_settings(kafka_request_timeout_ms=500, kafka_delivery_timeout_ms=1_000)
+    relay = Relay(sessions, settings).start()
+    published = REGISTRY.get_sample_value("liveloop_outbox_published_total")
+    broker.stop()
+    try:
+        rate(sessions, settings, [add_completion() for _ in range(5)])  # the API side keeps working
+        wait_until(lambda: any(row.attempts > 0 for row in outbox(sessions)))
+        assert all(row.sent_at is None for row in outbox(sessions))
+        assert "KafkaTimeoutError" in outbox(sessions)[0].last_error
+        assert relay.depth() == 5
+    finally:
+        broker.start()
+    rate(sessions, settings, [add_completion() for _ in range(2)])
+    wait_until(lambda: relay.depth() == 0)
+    relay.stop()
+    assert len({parse_event(r.value).event_id for r in read_topic(settings, settings.feedback_topic, 7)}) == 7
+    assert REGISTRY.get_sample_value("liveloop_outbox_published_total") - published >= 7
+    assert REGISTRY.get_sample_value("liveloop_outbox_depth") == 0
+
+
+def test_concurrent_relays_never_publish_the_same_row(database_url, sessions, add_completion, kafka_settings,
+                                                      read_topic):
+    if database_url.startswith("sqlite"):
+        pytest.skip("SQLite has a single writer: one relay per database")
+    settings = kafka_settings(relay_batch_size=10)
+    rate(sessions, settings, [add_completion() for _ in range(120)])
+    relays = [Relay(sessions, settings, client_id=f"relay-{n}") for n in range(3)]
+    counts = [0] * len(relays)
+    together = threading.Barrier(len(relays))
+
+    def drain(n):
+        together.wait()
+        while (sent := relays[n].relay_once()[0]) > 0:
+            counts[n] += sent
+
+    threads = [threading.Thread(target=drain, args=(n,)) for n in range(len(relays))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for relay in relays:
+        relay.stop()
+    assert sum(counts) == 120
+    records = read_topic(settings, settings.feedback_topic, 120)
+    assert len(records) == len({parse_event(r.value).event_id for r in records}) == 120
