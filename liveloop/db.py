@@ -24,11 +24,15 @@ class SchemaOutOfDate(RuntimeError):
     pass
 
 
+def _ensure_sqlite_dir(url: str) -> None:
+    path = url.removeprefix("sqlite:///")
+    if url.startswith("sqlite") and path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
 def make_engine(url: str) -> Engine:
+    _ensure_sqlite_dir(url)
     if url.startswith("sqlite"):
-        path = url.removeprefix("sqlite:///")
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
@@ -55,6 +59,7 @@ def alembic_config(url: str) -> Config:
 
 
 def migrate(url: str) -> None:
+    _ensure_sqlite_dir(url)
     command.upgrade(alembic_config(url), "head")
 
 

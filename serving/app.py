@@ -15,7 +15,7 @@ from liveloop.settings import Settings
 from serving.adapters import AdapterSet
 from serving.chat import ChatService
 from serving.engine import Engine
-from serving.errors import install_error_handlers
+from serving.errors import DeclaredBodyLimit, install_error_handlers
 from serving.routers import chat, health, models
 from serving.store import CompletionStore
 
@@ -23,12 +23,13 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings) -> FastAPI:
-    app = FastAPI(title="liveloop", version="0.1.0", lifespan=_lifespan, max_body_size=settings.max_body_bytes)
+    app = FastAPI(title="liveloop", version="0.1.0", lifespan=_lifespan)
     app.state.settings = settings
     app.state.users_by_key = settings.users_by_key
     install_error_handlers(app)
+    app.add_middleware(DeclaredBodyLimit, max_bytes=settings.max_body_bytes)
     for router in (chat.router, models.router, health.router):
-        app.include_router(router)
+        app.include_router(router, max_body_size=settings.max_body_bytes)
     app.mount("/metrics", make_asgi_app())
     return app
 

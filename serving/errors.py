@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.protocol import ErrorDetail, ErrorResponse
 
@@ -77,6 +78,24 @@ def _describe_validation(exc: RequestValidationError) -> tuple[int, str, str | N
     if len(errors) > 1:
         message += f"; and {len(errors) - 1} more problem(s)"
     return 422, message, param
+
+
+class DeclaredBodyLimit:
+    """Refuse a body whose Content-Length is over the limit in OpenAI's error shape, before reading it.
+
+    FastAPI's ``max_body_size`` enforces the limit on the bytes actually received (chunked bodies too), but
+    answers a declared oversize with plain text; this runs first so clients always get the JSON shape.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        declared = dict(scope.get("headers", ())).get(b"content-length", b"")
+        if scope["type"] == "http" and declared.isdigit() and int(declared) > self.max_bytes:
+            error = PayloadTooLarge(f"request body is {int(declared)} bytes; at most {self.max_bytes} are accepted")
+            return await _error_response(error.status, error.body())(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:

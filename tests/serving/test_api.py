@@ -116,9 +116,11 @@ def test_invalid_json_and_oversized_bodies_are_refused(serve):
                             headers={"content-type": "application/json"})
         huge = httpx.post(f"{url}/v1/chat/completions", timeout=30,
                           json={"model": "liveloop", "messages": [{"role": "user", "content": "x" * 5000}]})
+        chunked = httpx.post(f"{url}/v1/chat/completions", timeout=30, content=iter([b"[" + b" " * 5000 + b"]"]))
         still_serving = httpx.get(f"{url}/readyz", timeout=30)
     assert broken.status_code == 400 and "JSON" in broken.json()["error"]["message"]
-    assert huge.status_code == 413 and huge.json()["error"]["message"]
+    assert huge.status_code == 413 and "2048" in huge.json()["error"]["message"]
+    assert chunked.status_code == 413 and chunked.json()["error"]["message"]
     assert still_serving.status_code == 200
 
 
