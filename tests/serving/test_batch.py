@@ -1,0 +1,68 @@
+"""DecodeBatch: rows joining, leaving and growing the cache give the logits each row gets when decoded alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from serving.batch import _SPARE_COLUMNS, DecodeBatch
+
+PROMPTS = [[1, 504, 3185, 28, 1001], [1, 77, 9], [1, 4000, 4001, 4002, 4003, 4004, 4005, 4006], [1, 12, 13, 14]]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+@torch.inference_mode()
+def _assert_matches_full_forward(model, prompt: list[int], history: list[torch.Tensor]) -> None:
+    """Logits (V,) a row got at each step equal those of one cache-free forward over its greedy continuation."""
+    generated = [int(logits.argmax()) for logits in history]
+    reference = model(input_ids=torch.tensor([prompt + generated[:-1]]), logits_to_keep=len(generated)).logits[0]
+    torch.testing.assert_close(torch.stack(history), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_prefilled_rows_match_rows_alone_despite_left_padding(model):
+    steps = 6
+    batch, logits = DecodeBatch.prefill(model, PROMPTS)
+    history = [logits]
+    for _ in range(steps - 1):
+        logits = batch.decode(model, logits.argmax(-1))
+        history.append(logits)
+    for row, prompt in enumerate(PROMPTS):
+        _assert_matches_full_forward(model, prompt, [h[row] for h in history])
+    assert batch.positions.tolist() == [len(p) + steps - 1 for p in PROMPTS]
+
+
+def test_rows_join_and_leave_between_steps_and_padding_columns_are_trimmed(model):
+    batch, logits = DecodeBatch.prefill(model, PROMPTS[:2])
+    rows, history = [0, 1], {0: [logits[0]], 1: [logits[1]]}
+    for step in range(8):
+        tokens = logits.argmax(-1)
+        if step == 2:  # a longer prompt joins: the running rows get more left padding
+            joined, first = DecodeBatch.prefill(model, PROMPTS[2:])
+            batch, rows, tokens = batch.merge(joined), rows + [2, 3], torch.cat([tokens, first.argmax(-1)])
+            history |= {2: [first[0]], 3: [first[1]]}
+        if step == 5:  # the longest row leaves: its padding columns go with it
+            keep = [i for i, r in enumerate(rows) if r != 2]
+            length_before = batch.length
+            batch, rows, tokens = batch.select(keep), [rows[i] for i in keep], tokens[keep]
+            assert batch.length < length_before and bool(batch.attention_mask[:, 0].any())
+        logits = batch.decode(model, tokens)
+        for i, r in enumerate(rows):
+            history[r].append(logits[i])
+    for r, got in history.items():
+        _assert_matches_full_forward(model, PROMPTS[r], got)
+
+
+def test_cache_grows_past_its_spare_columns(model):
+    steps = _SPARE_COLUMNS + 10
+    batch, logits = DecodeBatch.prefill(model, PROMPTS[:1])
+    history = [logits[0]]
+    for _ in range(steps - 1):
+        logits = batch.decode(model, logits.argmax(-1))
+        history.append(logits[0])
+    _assert_matches_full_forward(model, PROMPTS[0], history)
+    assert batch.length == len(PROMPTS[0]) + steps - 1
