@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import torch
+from peft import PeftModel
 
 # Top-p looks at this many best tokens first; rows whose nucleus is wider fall back to a full sort.
 _NUCLEUS_CANDIDATES = 1024
@@ -103,3 +104,38 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     scaled = logits.float() / temperature
     picked = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(scaled, dim=-1)
+
+
+# peft's name for "no adapter" in a mixed batch (``adapter_names``).
+BASE_ADAPTER = "__base__"
+
+
+@torch.inference_mode()
+def sequence_logprobs(model: torch.nn.Module, prompt_ids: list[int], response_ids: list[int], params: SamplingParams,
+                      adapter: str | None = None) -> list[float]:
+    """Behaviour log-probs of a logged completion, recomputed with one full forward over prompt + response.
+
+    Each entry is log π(response[t] | prompt, response[:t]) under ``sampling_logprobs`` with the completion's own
+    temperature and top-p: what the engine recorded when it sampled the token. ``adapter`` picks the LoRA adapter
+    of a peft model by name (None: the base with adapters off) through ``adapter_names``, which leaves the
+    model's active adapter alone; peft allows that only in eval mode. A plain model takes ``adapter=None`` only.
+    """
+    if not response_ids:
+        return []
+    input_ids = torch.tensor([[*prompt_ids, *response_ids[:-1]]], device=model.device)
+    logits = model(input_ids=input_ids, logits_to_keep=len(response_ids), **_adapter_kwargs(model, adapter)).logits
+    n, device = len(response_ids), logits.device  # logits[0] (n, V): the positions predicting each response token
+    temperature = torch.full((n,), float(params.temperature), device=device)
+    logp = sampling_logprobs(logits[0], temperature, torch.full((n,), float(params.top_p), device=device))
+    tokens = torch.tensor(response_ids, device=device)
+    return logp.gather(1, tokens[:, None]).squeeze(1).tolist()
+
+
+def _adapter_kwargs(model: torch.nn.Module, adapter: str | None) -> dict:
+    if isinstance(model, PeftModel):  # select per call, never by switching the model's active adapter
+        if adapter is not None and adapter not in model.peft_config:
+            raise ValueError(f"adapter {adapter!r} is not loaded in this model")
+        return {"adapter_names": [adapter or BASE_ADAPTER]}
+    if adapter is not None:
+        raise ValueError(f"adapter {adapter!r} requested but the model has no adapters")
+    return {}
