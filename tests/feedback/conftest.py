@@ -10,6 +10,8 @@ from kafka import KafkaConsumer, TopicPartition
 from sqlalchemy.orm import Session, sessionmaker
 
 from feedback.broker import EmbeddedBroker
+from feedback.events import FeedbackEvent
+from feedback.kafka import Message, Publisher
 from liveloop.db import make_engine, make_sessionmaker, migrate
 from liveloop.settings import Settings
 from liveloop.tables import Completion, utcnow
@@ -30,8 +32,10 @@ def kafka_settings(make_settings, broker: EmbeddedBroker):
         suffix = uuid.uuid4().hex[:8]
         names = {"feedback_topic": f"feedback-{suffix}", "feedback_dlq_topic": f"feedback-dlq-{suffix}",
                  "adapter_events_topic": f"adapter-events-{suffix}", "feedback_consumer_group": f"trainer-{suffix}"}
+        # a group join takes about half the session timeout
         quick = {"relay_poll_interval_s": 0.05, "relay_max_backoff_s": 0.5, "kafka_request_timeout_ms": 2_000,
-                 "kafka_delivery_timeout_ms": 4_000}
+                 "kafka_delivery_timeout_ms": 4_000, "kafka_session_timeout_ms": 3_000,
+                 "kafka_heartbeat_interval_ms": 500}
         return make_settings(**{"kafka_bootstrap": broker.bootstrap} | quick | names | overrides)
 
     return make
@@ -88,3 +92,37 @@ def _read_topic(settings: Settings, topic: str, expected: int, timeout_s: float 
     finally:
         consumer.close()
     return records
+
+
+@pytest.fixture
+def make_event():
+    """A valid feedback event; keyword arguments override fields."""
+
+    def make(completion_id: str = "chatcmpl-1", revision: int = 1, rating: str = "up", **overrides) -> FeedbackEvent:
+        fields = dict(
+            event_id=uuid.uuid4().hex, feedback_id=f"fb-{uuid.uuid4().hex}", completion_id=completion_id,
+            revision=revision, rating=rating, reward=1.0 if rating == "up" else -1.0, supersedes=None,
+            rated_at=utcnow(), messages=[{"role": "user", "content": "hi"}], prompt_token_ids=[1, 2],
+            response_token_ids=[3, 4], behaviour_logprobs=[-0.1, -0.2], adapter_version=None,
+            sampling_params={"temperature": 0.7}, dtype="float32", completion_created_at=utcnow(),
+        )
+        return FeedbackEvent(**fields | overrides)
+
+    return make
+
+
+@pytest.fixture
+def publish():
+    """``publish(settings, [event or bytes, ...])`` straight onto the feedback topic, keyed by completion."""
+
+    def send(settings: Settings, items: list[FeedbackEvent | bytes]) -> None:
+        publisher = Publisher(settings, "test-producer")
+        messages = [Message(settings.feedback_topic, item.completion_id, item.to_bytes())
+                    if isinstance(item, FeedbackEvent) else Message(settings.feedback_topic, "junk", item)
+                    for item in items]
+        try:
+            assert publisher.publish(messages) == [None] * len(messages)
+        finally:
+            publisher.close()
+
+    return send

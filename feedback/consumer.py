@@ -1,0 +1,188 @@
+"""The consumer library the trainer uses: batches of feedback events, committed only when the caller says so.
+
+Guarantees, given at-least-once delivery upstream:
+- every message of a batch is accounted for: handed over, dropped as a repeat of an event id, dropped because a
+  later rating of the same completion in the batch replaced it, or sent to the dead-letter topic with a reason;
+- offsets move only through ``commit``, with exactly the offsets of the batches the caller durably consumed,
+  so a consumer restarted mid-stream resumes after the last committed batch: nothing lost, nothing handed
+  over twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from kafka import ConsumerRebalanceListener, OffsetAndMetadata, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
+
+from feedback import metrics
+from feedback.events import FeedbackEvent, InvalidEvent, parse_event
+from feedback.kafka import Message, Publisher, make_consumer
+from liveloop.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Batch:
+    events: list[FeedbackEvent]  # what to train on: new event ids, the latest rating of each completion
+    offsets: dict[TopicPartition, int]  # per partition, the offset after the last message this batch covers
+    superseded: list[FeedbackEvent] = field(default_factory=list)  # replaced by a later rating in this batch
+    duplicates: int = 0
+    dead_lettered: int = 0
+
+
+class FeedbackConsumer:
+    """One member of a consumer group on the feedback topic. Not thread-safe (neither is KafkaConsumer)."""
+
+    def __init__(self, settings: Settings, group_id: str | None = None, *, seen_event_ids: Iterable[str] = (),
+                 dedup_window: int = 1_000_000, dead_letters: Publisher | None = None):
+        """``seen_event_ids``: events consumed before (e.g. read back from the caller's own records), so repeats
+        published after a restart are dropped too. ``dedup_window``: how many recent event ids are remembered.
+        ``dead_letters``: the publisher for the dead-letter topic; by default one on the same Kafka."""
+        self.settings = settings
+        self._consumer = make_consumer(settings, group_id or settings.feedback_consumer_group)
+        self._consumer.subscribe([settings.feedback_topic], listener=_DropRevoked(self))
+        self._dead_letters = dead_letters or Publisher(settings, "liveloop-dead-letters")
+        self._buffer: list[ConsumerRecord] = []
+        self._dedup_window = dedup_window
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        for event_id in seen_event_ids:
+            self._remember(event_id)
+
+    def next_batch(self, max_messages: int = 256, max_wait_s: float = 5.0) -> Batch:
+        """Up to ``max_messages`` messages, returning as soon as there are that many or ``max_wait_s`` passed.
+        The first call also waits for the group join (about 3 s with the default timeouts)."""
+        messages = self._dead_letter_invalid([_Parsed.of(record) for record in self._collect(max_messages, max_wait_s)])
+        offsets: dict[TopicPartition, int] = {}
+        for message in messages:
+            offsets[message.partition] = max(offsets.get(message.partition, 0), message.record.offset + 1)
+        fresh, duplicates = self._drop_repeats([message.event for message in messages if message.event])
+        events, superseded = latest_ratings(fresh)
+        metrics.CONSUMED.inc(len(events))
+        metrics.DUPLICATES.inc(duplicates)
+        metrics.SUPERSEDED.inc(len(superseded))
+        dead = sum(message.invalid is not None for message in messages)
+        return Batch(events, offsets, superseded, duplicates, dead)
+
+    def commit(self, *batches: Batch) -> None:
+        """Commit the offsets of these batches (call once their events are durably consumed). Raises
+        kafka.errors.CommitFailedError if the group rebalanced since: their messages will come again."""
+        offsets: dict[TopicPartition, int] = {}
+        for batch in batches:
+            for partition, offset in batch.offsets.items():
+                offsets[partition] = max(offsets.get(partition, 0), offset)
+        if offsets:
+            self._consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()})
+
+    def close(self) -> None:
+        self._consumer.close(autocommit=False)
+        self._dead_letters.close()
+
+    def __enter__(self) -> FeedbackConsumer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _collect(self, max_messages: int, max_wait_s: float) -> list[ConsumerRecord]:
+        deadline = time.monotonic() + max_wait_s
+        while len(self._buffer) < max_messages:
+            timeout_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_messages - len(self._buffer))
+            for records in polled.values():
+                self._buffer.extend(records)
+            if timeout_ms == 0:
+                break
+        records, self._buffer = self._buffer[:max_messages], self._buffer[max_messages:]
+        return records
+
+    def _dead_letter_invalid(self, messages: list[_Parsed]) -> list[_Parsed]:
+        """Send the invalid messages to the dead-letter topic. A partition whose dead letter was not acknowledged
+        is cut at that message and rewound to it, so it is tried again rather than covered by this batch."""
+        invalid = [message for message in messages if message.invalid is not None]
+        if not invalid:
+            return messages
+        errors = self._dead_letters.publish([self._dead_letter(message) for message in invalid])
+        retry_from: dict[TopicPartition, int] = {}
+        for message, error in zip(invalid, errors, strict=True):
+            offset = message.record.offset
+            if error is None:
+                metrics.DEAD_LETTERED.labels(type(message.invalid).__name__).inc()
+                log.warning("dead-lettered %s@%d: %s", message.partition, offset, message.invalid.reason)
+            else:
+                retry_from[message.partition] = min(retry_from.get(message.partition, offset), offset)
+        for partition, offset in retry_from.items():
+            log.warning("dead-letter topic unavailable; %s rewinds to %d", partition, offset)
+            self._consumer.seek(partition, offset)
+        self._forget_partitions(set(retry_from))
+        return [m for m in messages if m.partition not in retry_from or m.record.offset < retry_from[m.partition]]
+
+    def _dead_letter(self, message: _Parsed) -> Message:
+        record, reason = message.record, message.invalid
+        headers = (*((k, v) for k, v in record.headers if not k.startswith("dlq.")),
+                   ("dlq.reason", reason.reason.encode()), ("dlq.error", type(reason).__name__.encode()),
+                   ("dlq.topic", record.topic.encode()), ("dlq.partition", str(record.partition).encode()),
+                   ("dlq.offset", str(record.offset).encode()))
+        key = record.key.decode(errors="replace") if record.key is not None else ""
+        return Message(self.settings.feedback_dlq_topic, key, record.value or b"", headers)
+
+    def _drop_repeats(self, events: list[FeedbackEvent]) -> tuple[list[FeedbackEvent], int]:
+        fresh = []
+        for event in events:
+            if event.event_id not in self._seen:
+                self._remember(event.event_id)
+                fresh.append(event)
+        return fresh, len(events) - len(fresh)
+
+    def _remember(self, event_id: str) -> None:
+        self._seen[event_id] = None
+        if len(self._seen) > self._dedup_window:
+            self._seen.popitem(last=False)
+
+    def _forget_partitions(self, revoked: set[TopicPartition]) -> None:
+        self._buffer = [r for r in self._buffer if TopicPartition(r.topic, r.partition) not in revoked]
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    record: ConsumerRecord
+    partition: TopicPartition
+    event: FeedbackEvent | None = None
+    invalid: InvalidEvent | None = None
+
+    @classmethod
+    def of(cls, record: ConsumerRecord) -> _Parsed:
+        partition = TopicPartition(record.topic, record.partition)
+        try:
+            return cls(record, partition, event=parse_event(record.value))
+        except InvalidEvent as exc:
+            return cls(record, partition, invalid=exc)
+
+
+class _DropRevoked(ConsumerRebalanceListener):
+    """Messages already fetched from a partition this member lost belong to its new owner now."""
+
+    def __init__(self, owner: FeedbackConsumer):
+        self._owner = owner
+
+    def on_partitions_revoked(self, revoked):
+        self._owner._forget_partitions(set(revoked))
+
+    def on_partitions_assigned(self, assigned):
+        pass
+
+
+def latest_ratings(events: list[FeedbackEvent]) -> tuple[list[FeedbackEvent], list[FeedbackEvent]]:
+    """Change of mind inside a batch: per completion only the highest revision counts. Returns (kept, replaced),
+    kept in arrival order."""
+    latest: dict[str, FeedbackEvent] = {}
+    for event in events:
+        if event.completion_id not in latest or event.revision > latest[event.completion_id].revision:
+            latest[event.completion_id] = event
+    kept = [event for event in events if latest[event.completion_id] is event]
+    return kept, [event for event in events if latest[event.completion_id] is not event]

@@ -1,0 +1,126 @@
+import json
+
+from feedback.broker import free_port
+from feedback.consumer import FeedbackConsumer, latest_ratings
+from feedback.kafka import Publisher
+
+
+def drain(consumer, expected):
+    """Batches until ``expected`` messages were accounted for (handed over, repeated, replaced or dead)."""
+    batches = []
+    while covered(batches) < expected and len(batches) < 30:
+        batches.append(consumer.next_batch(max_messages=100, max_wait_s=1.0))
+    return batches
+
+
+def covered(batches):
+    return sum(len(b.events) + len(b.superseded) + b.duplicates + b.dead_lettered for b in batches)
+
+
+def test_batches_hold_at_most_max_messages(kafka_settings, make_event, publish):
+    settings = kafka_settings()
+    events = [make_event(completion_id=f"c{n}") for n in range(7)]
+    publish(settings, events)
+    with FeedbackConsumer(settings) as consumer:
+        first = consumer.next_batch(max_messages=5, max_wait_s=30)
+        rest = consumer.next_batch(max_messages=5, max_wait_s=1)
+        empty = consumer.next_batch(max_messages=5, max_wait_s=0.2)
+    assert (len(first.events), len(rest.events), len(empty.events)) == (5, 2, 0)
+    assert sorted(e.event_id for e in first.events + rest.events) == sorted(e.event_id for e in events)
+    assert empty.offsets == {}
+
+
+def test_repeated_event_ids_are_handed_over_once(kafka_settings, make_event, publish):
+    settings = kafka_settings()
+    a, b = make_event(completion_id="a"), make_event(completion_id="b")
+    publish(settings, [a, b, a])
+    with FeedbackConsumer(settings) as consumer:
+        batches = drain(consumer, 3)
+        publish(settings, [b])  # published again later (at-least-once delivery)
+        batches += drain(consumer, 1)
+    assert sorted(e.event_id for batch in batches for e in batch.events) == sorted([a.event_id, b.event_id])
+    assert sum(batch.duplicates for batch in batches) == 2
+
+
+def test_seen_event_ids_from_before_a_restart_are_dropped(kafka_settings, make_event, publish):
+    settings = kafka_settings()
+    old, new = make_event(completion_id="a"), make_event(completion_id="b")
+    publish(settings, [old, new])
+    with FeedbackConsumer(settings, seen_event_ids=[old.event_id]) as consumer:
+        batches = drain(consumer, 2)
+    assert [e.event_id for batch in batches for e in batch.events] == [new.event_id]
+
+
+def test_change_of_mind_in_a_batch_keeps_only_the_latest_rating(kafka_settings, make_event, publish):
+    settings = kafka_settings()
+    first = make_event(completion_id="c1", revision=1, rating="up")
+    second = make_event(completion_id="c1", revision=2, rating="down", supersedes=first.feedback_id)
+    other = make_event(completion_id="c2")
+    publish(settings, [first, other, second])
+    with FeedbackConsumer(settings) as consumer:
+        batch = consumer.next_batch(max_messages=3, max_wait_s=30)
+    assert sorted(e.event_id for e in batch.events) == sorted([second.event_id, other.event_id])
+    assert [e.event_id for e in batch.superseded] == [first.event_id]
+
+
+def test_latest_rating_wins_whatever_the_arrival_order(make_event):
+    first, second = make_event(revision=1), make_event(revision=2)
+    assert latest_ratings([second, first]) == ([second], [first])
+
+
+def test_unreadable_messages_go_to_the_dead_letter_topic_with_the_reason(kafka_settings, make_event, publish,
+                                                                         read_topic):
+    settings = kafka_settings()
+    good = make_event()
+    future = json.dumps(good.model_dump(mode="json") | {"schema_version": 2}).encode()
+    publish(settings, [b"{not json", future, good])
+    with FeedbackConsumer(settings) as consumer:
+        batches = drain(consumer, 3)
+        consumer.commit(*batches)
+    assert [e.event_id for batch in batches for e in batch.events] == [good.event_id]
+    assert sum(batch.dead_lettered for batch in batches) == 2
+    dead = {r.value: dict(r.headers) for r in read_topic(settings, settings.feedback_dlq_topic, 2)}
+    assert set(dead) == {b"{not json", future}
+    assert dead[b"{not json"]["dlq.error"] == b"MalformedEvent"
+    assert dead[future]["dlq.reason"].startswith(b"unknown schema_version 2")
+    assert dead[future]["dlq.topic"] == settings.feedback_topic.encode()
+    sentinel = make_event()
+    publish(settings, [sentinel])
+    with FeedbackConsumer(settings) as again:  # the committed offsets covered the dead letters too
+        assert [e.event_id for batch in drain(again, 1) for e in batch.events] == [sentinel.event_id]
+
+
+def test_consumer_restarted_mid_stream_resumes_from_committed_offsets(kafka_settings, make_event, publish):
+    settings = kafka_settings()
+    events = [make_event(completion_id=f"c{n}") for n in range(30)]
+    publish(settings, events)
+    with FeedbackConsumer(settings) as consumer:
+        committed = consumer.next_batch(max_messages=10, max_wait_s=30)
+        consumer.commit(committed)
+        lost_in_crash = consumer.next_batch(max_messages=10, max_wait_s=5)  # never committed
+    assert len(committed.events) == len(lost_in_crash.events) == 10
+    with FeedbackConsumer(settings) as restarted:
+        resumed = drain(restarted, 20)
+        restarted.commit(*resumed)
+    handed_over = [e.event_id for batch in [committed, *resumed] for e in batch.events]
+    assert len(handed_over) == len(set(handed_over)) == 30
+    assert set(handed_over) == {e.event_id for e in events}
+
+
+def test_a_dead_letter_kafka_did_not_take_is_retried_not_skipped(kafka_settings, make_event, publish):
+    settings = kafka_settings(feedback_partitions=1)
+    good, after = make_event(), make_event()
+    publish(settings, [good, b"junk", after])
+    nowhere = settings.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{free_port()}",
+                                          "kafka_request_timeout_ms": 300, "kafka_delivery_timeout_ms": 300})
+    with FeedbackConsumer(settings, dead_letters=Publisher(nowhere, "dlq")) as consumer:
+        batches = [consumer.next_batch(max_messages=3, max_wait_s=30)]
+        batches += [consumer.next_batch(max_messages=3, max_wait_s=0.5) for _ in range(2)]
+        consumer.commit(*batches)
+    assert [e.event_id for batch in batches for e in batch.events] == [good.event_id]
+    assert all(offset == 1 for batch in batches for offset in batch.offsets.values())  # stops before the junk
+    assert sum(batch.dead_lettered for batch in batches) == 0
+    with FeedbackConsumer(settings) as fixed:
+        resumed = drain(fixed, 2)
+    assert [e.event_id for batch in resumed for e in batch.events] == [after.event_id]
+    assert sum(batch.dead_lettered for batch in resumed) == 1
