@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     kafka_idempotence: bool = Field(
         True, description="Idempotent producer (no duplicates from producer retries); off for brokers without it."
     )
-    kafka_request_timeout_ms: int = Field(5_000, ge=100, description="One Kafka request before the client retries.")
+    kafka_request_timeout_ms: int = Field(5_000, ge=1_000, description="One Kafka request before the client retries.")
     kafka_delivery_timeout_ms: int = Field(
         15_000, ge=100, description="How long a publish may wait for the broker's ack before the relay retries it."
     )
@@ -160,8 +160,8 @@ class Settings(BaseSettings):
     def _check_kafka_timeouts(self) -> Settings:
         if self.kafka_heartbeat_interval_ms >= self.kafka_session_timeout_ms:
             raise ValueError("LIVELOOP_KAFKA_HEARTBEAT_INTERVAL_MS must be below LIVELOOP_KAFKA_SESSION_TIMEOUT_MS")
-        if self.kafka_delivery_timeout_ms < self.kafka_request_timeout_ms:
-            raise ValueError("LIVELOOP_KAFKA_DELIVERY_TIMEOUT_MS must be at least LIVELOOP_KAFKA_REQUEST_TIMEOUT_MS")
+        if self.kafka_delivery_timeout_ms < self.kafka_request_timeout_ms + 100:  # a delivery = batching + request
+            raise ValueError("LIVELOOP_KAFKA_DELIVERY_TIMEOUT_MS must exceed LIVELOOP_KAFKA_REQUEST_TIMEOUT_MS by 100+")
         return self
 
     @model_validator(mode="after")

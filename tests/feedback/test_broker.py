@@ -8,7 +8,7 @@ from feedback.kafka import KafkaNotConfigured, Message, Publisher, ensure_topics
 
 
 def test_embedded_broker_serves_kafka_and_forgets_everything_on_restart(kafka_settings, broker, read_topic):
-    settings = kafka_settings(feedback_partitions=4, kafka_request_timeout_ms=500, kafka_delivery_timeout_ms=1_000)
+    settings = kafka_settings(feedback_partitions=4, kafka_request_timeout_ms=1_000, kafka_delivery_timeout_ms=1_500)
     assert sorted(ensure_topics(settings)) == sorted(
         [settings.feedback_topic, settings.feedback_dlq_topic, settings.adapter_events_topic])
     assert ensure_topics(settings) == []  # idempotent

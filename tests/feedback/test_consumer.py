@@ -112,7 +112,7 @@ def test_a_dead_letter_kafka_did_not_take_is_retried_not_skipped(kafka_settings,
     good, after = make_event(), make_event()
     publish(settings, [good, b"junk", after])
     nowhere = settings.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{free_port()}",
-                                          "kafka_request_timeout_ms": 300, "kafka_delivery_timeout_ms": 300})
+                                          "kafka_request_timeout_ms": 1_000, "kafka_delivery_timeout_ms": 1_500})
     with FeedbackConsumer(settings, dead_letters=Publisher(nowhere, "dlq")) as consumer:
         batches = [consumer.next_batch(max_messages=3, max_wait_s=30)]
         batches += [consumer.next_batch(max_messages=3, max_wait_s=0.5) for _ in range(2)]

@@ -49,7 +49,7 @@ def test_relay_publishes_in_order_and_marks_rows_sent_after_the_ack(sessions, ad
 
 def test_outbox_grows_while_kafka_is_down_and_drains_when_it_is_back(sessions, add_completion, kafka_settings,
                                                                      broker, read_topic):
-    settings = kafka_settings(kafka_request_timeout_ms=500, kafka_delivery_timeout_ms=1_000)
+    settings = kafka_settings(kafka_request_timeout_ms=1_000, kafka_delivery_timeout_ms=1_500)
     relay = Relay(sessions, settings).start()
     published = REGISTRY.get_sample_value("liveloop_outbox_published_total")
     broker.stop()
