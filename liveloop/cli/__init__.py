@@ -6,11 +6,13 @@ import logging
 
 import typer
 
+from liveloop.cli import feedback as feedback_commands
 from liveloop.settings import Settings
 
 app = typer.Typer(help="liveloop: serve a chat model and improve it from its users' thumbs.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+app.add_typer(feedback_commands.app)  # relay, replay, broker
 
 
 def _settings() -> Settings:
