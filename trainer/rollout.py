@@ -10,18 +10,40 @@ prompt + response gives the same number; the tests check it.
 A row ends at an end-of-sequence token (kept in the response: choosing to stop is an action the policy is
 rewarded for) or after its ``max_tokens``. Finished rows ride along until the whole batch is done; their later
 tokens are discarded. Stop strings are not applied: PPO trains on whole token sequences.
+
+``fresh_samples`` is the whole of reward-model mode's rollout: generate with the policy, score with the reward
+model (the reward adapter is switched in and back, see ``trainer.reward_model``), and return the ``Sample``s that
+``trainer.update.ppo_update`` consumes, marked with the current policy version (on-policy: never stale).
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from peft import PeftModel
 
 from liveloop.sampling import SamplingParams, sample, sampling_logprobs
+from trainer.policy import POLICY_ADAPTER, PolicyValueModel
+from trainer.reward_model import RewardModel
 from trainer.tokens import left_pad, position_ids
+from trainer.update import Sample
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """How reward-model mode samples fresh responses from the prompts of a feedback batch."""
+
+    max_tokens: int = 128  # cap on each fresh response (a prompt's own smaller max_tokens still applies); the
+    # update's cost grows with it, and 128 is the response length bench/ppo.py measures
+    temperature: float | None = None  # None: each prompt's recorded temperature, so the policy is improved
+    # where it is used (greedy requests are sampled at PPOConfig.temperature: PPO needs exploration); a number
+    # overrides it for every prompt
+    top_p: float | None = 1.0  # 1: the full distribution, which is what PPO's training-side log-prob models,
+    # so the importance weights stay 1 on fresh samples; None: each prompt's recorded top-p
+    batch_size: int = 32  # prompts decoded together; bounds the KV cache (PERF.md measured batches of 32)
+    seed: int = 0  # with the policy version, seeds the sampling: the rollouts of a version are reproducible
 
 
 @dataclass(frozen=True)
@@ -91,3 +113,36 @@ def _generations(prompts: Sequence[Sequence[int]], params: Sequence[SamplingPara
             finish_reason="stop" if len(stops) else "length",
         ))
     return generations
+
+
+def rollout_params(recorded: SamplingParams, config: RolloutConfig, greedy_temperature: float) -> SamplingParams:
+    """The sampling parameters of a fresh rollout for a prompt that was served with ``recorded``."""
+    temperature = recorded.temperature if config.temperature is None else config.temperature
+    return replace(
+        recorded,
+        temperature=temperature if temperature > 0 else greedy_temperature,
+        top_p=recorded.top_p if config.top_p is None else config.top_p,
+        max_tokens=min(recorded.max_tokens, config.max_tokens),
+        seed=None,  # the trainer's generator draws: a served seed would only replay the served response
+        stop=(),
+    )
+
+
+def fresh_samples(policy: PolicyValueModel, reward_model: RewardModel, prompts: Sequence[Sequence[int]],
+                  recorded: Sequence[SamplingParams], config: RolloutConfig, *,
+                  eos_token_ids: Collection[int]) -> list[Sample]:
+    """Generate one response per prompt with the current policy, score it, and return PPO samples."""
+    assert policy.model.active_adapter == POLICY_ADAPTER, "rollouts must sample from the policy adapter"
+    params = [rollout_params(r, config, policy.config.temperature) for r in recorded]
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + policy.version)
+    generations = []
+    for start in range(0, len(prompts), config.batch_size):
+        chunk = slice(start, start + config.batch_size)
+        generations += generate(policy.model, prompts[chunk], params[chunk], pad_token_id=reward_model.pad_token_id,
+                                eos_token_ids=eos_token_ids, generator=generator)
+    scores = reward_model.score([g.prompt_ids for g in generations], [g.response_ids for g in generations])
+    return [
+        Sample(prompt_ids=g.prompt_ids, response_ids=g.response_ids, behaviour_logprobs=g.behaviour_logprobs,
+               version=policy.version, score=float(score), temperature=g.sampling_params.temperature)
+        for g, score in zip(generations, scores.tolist(), strict=True)
+    ]

@@ -11,8 +11,7 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from liveloop.adapters import default_lora_config
-
-POLICY_ADAPTER = "policy"
+from trainer.policy import POLICY_ADAPTER
 
 
 @pytest.fixture
@@ -27,7 +26,7 @@ def make_tiny_peft_model(tiny_model_dir: Path) -> Callable[[], PeftModel]:
             for name, param in model.named_parameters():
                 if f"lora_B.{POLICY_ADAPTER}." in name:
                     param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-        return model
+        return model.eval()  # get_peft_model leaves the wrapper in training mode; peft's adapter_names needs eval
 
     return make
 

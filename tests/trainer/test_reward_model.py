@@ -10,7 +10,7 @@ import torch
 
 from feedback.events import FeedbackEvent
 from liveloop.adapters import EXTRA_TENSORS, AdapterArtifactError, verify_adapter
-from tests.trainer.conftest import POLICY_ADAPTER
+from trainer.policy import POLICY_ADAPTER
 from trainer.reward_model import (
     REWARD_ADAPTER,
     RatedResponse,

@@ -1,12 +1,18 @@
-"""Fresh rollouts: the recorded behaviour log-probs are those of liveloop.sampling's distribution."""
+"""Fresh rollouts: the recorded behaviour log-probs are those of liveloop.sampling's distribution, and the
+samples they make go straight into a PPO update."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
-from liveloop.sampling import SamplingParams, sampling_logprobs
-from trainer.rollout import Generation, generate
+from liveloop.sampling import SamplingParams, sequence_logprobs
+from trainer.config import PPOConfig
+from trainer.policy import POLICY_ADAPTER, PolicyValueModel
+from trainer.reward_model import RewardModel
+from trainer.rollout import Generation, RolloutConfig, fresh_samples, generate, rollout_params
+from trainer.update import ppo_update
 
 PAD, EOS = 2, {2}
 PROMPTS = [(1, 17, 400, 9), (1, 30), (1, 5, 6, 7, 8, 9, 10), (1, 600, 601)]
@@ -20,13 +26,8 @@ PARAMS = [  # mixed in one batch: tempered + nucleus, plain, a narrow nucleus, g
 
 def recomputed_logprobs(model, generation: Generation) -> torch.Tensor:
     """log-probs (R,) of the response tokens from one full forward over prompt + response, no cache."""
-    ids = torch.tensor([[*generation.prompt_ids, *generation.response_ids]])
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, len(generation.prompt_ids) - 1:-1]  # (R, V)
-    n = len(generation.response_ids)
-    params = generation.sampling_params
-    logp = sampling_logprobs(logits, torch.full((n,), params.temperature), torch.full((n,), params.top_p))
-    return logp.gather(1, torch.tensor(generation.response_ids)[:, None]).squeeze(1)
+    return torch.tensor(sequence_logprobs(model, list(generation.prompt_ids), list(generation.response_ids),
+                                          generation.sampling_params, adapter=POLICY_ADAPTER))
 
 
 def test_recorded_logprobs_equal_a_full_forward_recomputation(tiny_peft_model):
@@ -80,3 +81,36 @@ def test_requests_beyond_the_context_are_refused(tiny_peft_model):
     with pytest.raises(ValueError, match="prompt \\+ max_tokens"):
         generate(tiny_peft_model, [(1, 2)], too_long, pad_token_id=PAD, eos_token_ids=EOS,
                  generator=torch.Generator())
+
+
+def test_rollout_params_take_the_recorded_sampling_unless_configured():
+    recorded = SamplingParams(temperature=0.7, top_p=0.8, max_tokens=300, seed=5, stop=("\n",))
+    assert rollout_params(recorded, RolloutConfig(max_tokens=64, top_p=None), 1.0) == SamplingParams(0.7, 0.8, 64)
+    assert rollout_params(recorded, RolloutConfig(temperature=1.2), 1.0) == SamplingParams(1.2, 1.0, 128)
+    greedy = SamplingParams(temperature=0.0, max_tokens=16)
+    assert rollout_params(greedy, RolloutConfig(), 0.9) == SamplingParams(0.9, 1.0, 16)  # PPO must explore
+
+
+def test_fresh_samples_are_scored_policy_rollouts_that_ppo_updates_on(tiny_model_dir):
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    policy = PolicyValueModel.create(base, PPOConfig(num_minibatches=2), base_model_id="tiny")
+    policy.model.eval()  # as PolicyValueModel.load leaves it: sequence_logprobs' adapter_names needs eval mode
+    reward_model = RewardModel.create(policy.model, base_model_id="tiny", pad_token_id=PAD)
+    recorded = [*PARAMS, SamplingParams(temperature=0.5, max_tokens=64)]
+    config = RolloutConfig(max_tokens=10, batch_size=3)  # two decode batches
+    samples = fresh_samples(policy, reward_model, [*PROMPTS, (1, 44)], recorded, config, eos_token_ids=EOS)
+
+    assert [s.temperature for s in samples] == [0.7, 1.0, 1.3, 1.0, 0.5]  # the greedy prompt explores at T=1
+    assert [len(s.response_ids) for s in samples] == [10, 5, 10, 8, 10]
+    assert {s.version for s in samples} == {policy.version}
+    scores = reward_model.score([s.prompt_ids for s in samples], [s.response_ids for s in samples])
+    assert [s.score for s in samples] == scores.tolist()
+    for sample, params in zip(samples, recorded, strict=True):
+        generation = Generation(tuple(sample.prompt_ids), tuple(sample.response_ids), sample.behaviour_logprobs,
+                                rollout_params(params, config, 1.0), "length")
+        torch.testing.assert_close(torch.tensor(sample.behaviour_logprobs),
+                                   recomputed_logprobs(policy.model, generation), rtol=0, atol=1e-5)
+    assert policy.model.active_adapter == POLICY_ADAPTER
+    metrics = ppo_update(policy, samples)
+    assert metrics["applied"] == 1.0 and metrics["dropped_stale"] == 0.0
+    assert metrics["is_weight_mean"] == pytest.approx(1.0, abs=1e-4)  # on-policy, full distribution: μ = π
