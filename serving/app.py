@@ -17,6 +17,7 @@ from serving.chat import ChatService
 from serving.engine import Engine
 from serving.errors import DeclaredBodyLimit, install_error_handlers
 from serving.routers import chat, health, models
+from serving.routers import feedback as feedback_routes
 from serving.store import CompletionStore
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.users_by_key = settings.users_by_key
     install_error_handlers(app)
     app.add_middleware(DeclaredBodyLimit, max_bytes=settings.max_body_bytes)
-    for router in (chat.router, models.router, health.router):
+    for router in (chat.router, models.router, health.router, feedback_routes.router):
         app.include_router(router, max_body_size=settings.max_body_bytes)
     app.mount("/metrics", make_asgi_app())
     return app
