@@ -36,9 +36,10 @@ class _SlabLayer(DynamicLayer):
         self.is_initialized = True
 
     def _allocate(self, rows: int, heads: int, head_dim: int, capacity: int) -> None:
+        # Uninitialised: every column is written before a view covers it (``_fill`` zeroes the padding it adds).
         shape = (rows, heads, capacity, head_dim)
-        self._key_slab = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self._value_slab = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self._key_slab = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self._value_slab = torch.empty(shape, dtype=self.dtype, device=self.device)
         self.keys, self.values = self._key_slab[:, :, :0], self._value_slab[:, :, :0]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -63,6 +64,9 @@ class _SlabLayer(DynamicLayer):
             rows, offset = keys.shape[0], length - keys.shape[-2]
             self._key_slab[row:row + rows, :, offset:length] = keys
             self._value_slab[row:row + rows, :, offset:length] = values
+            # masked out of attention, but a masked 0 weight times a garbage NaN would still be NaN
+            self._key_slab[row:row + rows, :, :offset] = 0
+            self._value_slab[row:row + rows, :, :offset] = 0
             row += rows
         self.keys, self.values = self._key_slab[:, :, :length], self._value_slab[:, :, :length]
 

@@ -277,7 +277,8 @@ class Engine:
                 return
 
     def _has_work(self) -> bool:
-        return bool(self._waiting or self._tasks or self._running or self._unloading)
+        unloadable = any(self._pins[name] == 0 for name in self._unloading)
+        return bool(self._waiting or self._tasks or self._running or unloadable)
 
     def _wake(self) -> None:
         with self._lock:
