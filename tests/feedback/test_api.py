@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -14,6 +13,7 @@ from feedback.consumer import FeedbackConsumer
 from feedback.relay import Relay
 from feedback.replay import replay
 from liveloop.tables import Completion, utcnow
+from tests.feedback.helpers import drain, wait_until
 from tests.serving.conftest import running_server
 
 KEYS = "alice:key-alice,bob:key-bob"
@@ -47,18 +47,9 @@ def rate(client: httpx.Client, key: str = "none", **body) -> httpx.Response:
 
 def consume_all(settings, expected: int) -> list:
     with FeedbackConsumer(settings) as consumer:
-        batches = []
-        while sum(len(b.events) + len(b.superseded) + b.duplicates for b in batches) < expected and len(batches) < 30:
-            batches.append(consumer.next_batch(max_messages=500, max_wait_s=1.0))
+        batches = drain(consumer, expected)
         consumer.commit(*batches)
     return batches
-
-
-def wait_until(condition, timeout_s=30.0):
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
 
 
 def test_feedback_flows_from_the_api_through_kafka_to_the_consumer(api, sessions):

@@ -2,15 +2,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from feedback.broker import free_port
 from feedback.relay import Relay
-from feedback.service import FeedbackConfig, record_feedback
 from liveloop.tables import utcnow
+from tests.feedback.helpers import rate_each, wait_until
 
 LIVELOOP = str(Path(sys.executable).parent / "liveloop")
 
@@ -24,13 +23,6 @@ def cli_env(tmp_path):
     return env
 
 
-def wait_until(condition, timeout_s=30.0):
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.1)
-
-
 def test_broker_relay_and_replay_commands(database_url, sessions, add_completion, kafka_settings, cli_env,
                                           read_topic):
     if not database_url.startswith("sqlite"):
@@ -41,10 +33,8 @@ def test_broker_relay_and_replay_commands(database_url, sessions, add_completion
     try:
         assert f"LIVELOOP_KAFKA_BOOTSTRAP=127.0.0.1:{port}" in broker.stdout.readline()
         settings = kafka_settings(kafka_bootstrap=f"127.0.0.1:{port}")
-        config = FeedbackConfig.from_settings(settings)
         since = utcnow()
-        for _ in range(3):
-            record_feedback(sessions, completion_id=add_completion(), rating="down", config=config)
+        rate_each(sessions, settings, [add_completion() for _ in range(3)], rating="down")
         env = cli_env(kafka_bootstrap=settings.kafka_bootstrap, database_url=database_url,
                       feedback_topic=settings.feedback_topic)
         relay = subprocess.Popen([LIVELOOP, "relay", "--metrics-port", "0"], env=env)

@@ -3,18 +3,7 @@ import json
 from feedback.broker import free_port
 from feedback.consumer import FeedbackConsumer, latest_ratings
 from feedback.kafka import Publisher
-
-
-def drain(consumer, expected):
-    """Batches until ``expected`` messages were accounted for (handed over, repeated, replaced or dead)."""
-    batches = []
-    while covered(batches) < expected and len(batches) < 30:
-        batches.append(consumer.next_batch(max_messages=100, max_wait_s=1.0))
-    return batches
-
-
-def covered(batches):
-    return sum(len(b.events) + len(b.superseded) + b.duplicates + b.dead_lettered for b in batches)
+from tests.feedback.helpers import drain
 
 
 def test_batches_hold_at_most_max_messages(kafka_settings, make_event, publish):

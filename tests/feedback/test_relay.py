@@ -1,5 +1,4 @@
 import threading
-import time
 
 import pytest
 from prometheus_client import REGISTRY
@@ -7,13 +6,8 @@ from sqlalchemy import select
 
 from feedback.events import parse_event
 from feedback.relay import Relay
-from feedback.service import FeedbackConfig, record_feedback
 from liveloop.tables import OutboxMessage
-
-
-def rate(sessions, settings, completion_ids, rating="up"):
-    config = FeedbackConfig.from_settings(settings)
-    return [record_feedback(sessions, completion_id=c, rating=rating, config=config) for c in completion_ids]
+from tests.feedback.helpers import rate_each, wait_until
 
 
 def outbox(sessions):
@@ -21,18 +15,11 @@ def outbox(sessions):
         return session.scalars(select(OutboxMessage).order_by(OutboxMessage.id)).all()
 
 
-def wait_until(condition, timeout_s=30.0):
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
-
-
 def test_relay_publishes_in_order_and_marks_rows_sent_after_the_ack(sessions, add_completion, kafka_settings,
                                                                     read_topic):
     settings = kafka_settings()
     completion = add_completion()
-    results = rate(sessions, settings, [completion] * 3) + rate(sessions, settings, [add_completion()])
+    results = rate_each(sessions, settings, [completion] * 3) + rate_each(sessions, settings, [add_completion()])
     relay = Relay(sessions, settings)
     assert relay.relay_once() == (4, 0)
     assert relay.relay_once() == (0, 0)
@@ -54,14 +41,14 @@ def test_outbox_grows_while_kafka_is_down_and_drains_when_it_is_back(sessions, a
     published = REGISTRY.get_sample_value("liveloop_outbox_published_total")
     broker.stop()
     try:
-        rate(sessions, settings, [add_completion() for _ in range(5)])  # the API side keeps working
+        rate_each(sessions, settings, [add_completion() for _ in range(5)])  # the API side keeps working
         wait_until(lambda: any(row.attempts > 0 for row in outbox(sessions)))
         assert all(row.sent_at is None for row in outbox(sessions))
         assert "KafkaTimeoutError" in outbox(sessions)[0].last_error
         assert relay.depth() == 5
     finally:
         broker.start()
-    rate(sessions, settings, [add_completion() for _ in range(2)])
+    rate_each(sessions, settings, [add_completion() for _ in range(2)])
     wait_until(lambda: relay.depth() == 0)
     relay.stop()
     assert len({parse_event(r.value).event_id for r in read_topic(settings, settings.feedback_topic, 7)}) == 7
@@ -74,7 +61,7 @@ def test_concurrent_relays_never_publish_the_same_row(database_url, sessions, ad
     if database_url.startswith("sqlite"):
         pytest.skip("SQLite has a single writer: one relay per database")
     settings = kafka_settings(relay_batch_size=10)
-    rate(sessions, settings, [add_completion() for _ in range(120)])
+    rate_each(sessions, settings, [add_completion() for _ in range(120)])
     relays = [Relay(sessions, settings, client_id=f"relay-{n}") for n in range(3)]
     counts = [0] * len(relays)
     together = threading.Barrier(len(relays))

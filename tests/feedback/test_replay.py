@@ -1,33 +1,19 @@
-import time
-
 from feedback.consumer import FeedbackConsumer
 from feedback.events import parse_event
 from feedback.relay import Relay
 from feedback.replay import replay
-from feedback.service import FeedbackConfig, record_feedback
 from liveloop.tables import utcnow
-
-
-def rate(sessions, settings, completion_ids):
-    config = FeedbackConfig.from_settings(settings)
-    return [record_feedback(sessions, completion_id=c, rating="up", config=config).id for c in completion_ids]
-
-
-def wait_until(condition, timeout_s=30.0):
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
+from tests.feedback.helpers import drain, rate_each, wait_until
 
 
 def test_replay_republishes_a_time_window_exactly_as_first_published(sessions, add_completion, kafka_settings,
                                                                      read_topic):
     settings = kafka_settings()
-    rate(sessions, settings, [add_completion()])
+    rate_each(sessions, settings, [add_completion()])
     since = utcnow()
-    inside = rate(sessions, settings, [add_completion() for _ in range(3)])
+    inside = [r.id for r in rate_each(sessions, settings, [add_completion() for _ in range(3)])]
     until = utcnow()
-    rate(sessions, settings, [add_completion()])
+    rate_each(sessions, settings, [add_completion()])
     relay = Relay(sessions, settings)
     assert relay.relay_once() == (5, 0)
     relay.stop()
@@ -47,11 +33,11 @@ def test_every_rating_arrives_across_a_broker_restart(sessions, add_completion, 
     started = utcnow()
     relay = Relay(sessions, settings).start()
     try:
-        delivered = rate(sessions, settings, [add_completion() for _ in range(4)])
+        delivered = [r.id for r in rate_each(sessions, settings, [add_completion() for _ in range(4)])]
         wait_until(lambda: relay.depth() == 0)
         broker.stop()
         try:
-            while_down = rate(sessions, settings, [add_completion() for _ in range(4)])
+            while_down = [r.id for r in rate_each(sessions, settings, [add_completion() for _ in range(4)])]
             assert relay.depth() == 4
         finally:
             broker.start()
@@ -60,9 +46,7 @@ def test_every_rating_arrives_across_a_broker_restart(sessions, add_completion, 
         relay.stop()
     assert replay(sessions, settings, since=started) == 8
     with FeedbackConsumer(settings) as consumer:
-        batches = []
-        while sum(len(b.events) + b.duplicates for b in batches) < 12 and len(batches) < 30:
-            batches.append(consumer.next_batch(max_messages=100, max_wait_s=1.0))
+        batches = drain(consumer, 12)
     handed_over = [e.feedback_id for batch in batches for e in batch.events]
     assert sorted(handed_over) == sorted(delivered + while_down)
     assert sum(batch.duplicates for batch in batches) == 4  # the while-down ratings came twice
