@@ -86,8 +86,8 @@ class TokenOutputs:
     """Per response position of a batch (b, T); padding positions hold 0."""
 
     logprobs: torch.Tensor  # log π(a_t | s_t) at the row's temperature
-    entropy: torch.Tensor  # entropy of π(· | s_t) at the row's temperature
-    values: torch.Tensor | None  # V(s_t), None for the reference pass
+    entropy: torch.Tensor | None  # entropy of π(· | s_t) at the row's temperature; training passes only
+    values: torch.Tensor | None  # V(s_t); None for the reference pass
 
 
 class PolicyValueModel:
@@ -119,7 +119,7 @@ class PolicyValueModel:
         value_head = nn.Linear(base.config.hidden_size, 1, device=base.device)
         nn.init.zeros_(value_head.weight)
         nn.init.zeros_(value_head.bias)
-        return cls(model, value_head, config, base_model_id=base_model_id)
+        return cls(model.eval(), value_head, config, base_model_id=base_model_id)
 
     @classmethod
     def load(cls, base: PreTrainedModel, path: Path, config: PPOConfig, *, base_model_id: str,
@@ -157,9 +157,10 @@ class PolicyValueModel:
             return self._layers(hidden, self.decoder.layers[:self.split])
 
     def heads(self, lower: torch.Tensor, batch: PaddedBatch, *, reference: bool = False) -> TokenOutputs:
-        """The adapted layers from ``encode``'s output, then log-probs, entropy and (not for the reference) values.
+        """The adapted layers from ``encode``'s output, then the heads at the response positions.
 
-        ``reference``: adapter disabled, no grad. Otherwise differentiable when grad is enabled.
+        ``reference``: adapter disabled, no grad, log-probs only. Otherwise log-probs and values, and when grad
+        is enabled they are differentiable and the entropy comes too.
         """
         assert self.model.active_adapter == POLICY_ADAPTER, "another adapter is active on the shared model"
         adapter_off = self.model.disable_adapter() if reference else nullcontext()
@@ -173,8 +174,7 @@ class PolicyValueModel:
                                                 batch.response_ids[real], temperature, self.config.logits_chunk,
                                                 entropy_grad=self.config.ent_coef != 0)
             values = None if reference else self.value_head(states).squeeze(-1).float()
-        return TokenOutputs(_scatter(logprobs, real), _scatter(entropy, real),
-                            None if values is None else _scatter(values, real))
+        return TokenOutputs(_scatter(logprobs, real), _scatter(entropy, real), _scatter(values, real))
 
     def _layers(self, hidden: torch.Tensor, layers: nn.ModuleList) -> torch.Tensor:
         """Run decoder ``layers`` over right-padded hidden states (B, L, H), as the model's own forward does."""
@@ -191,6 +191,8 @@ class PolicyValueModel:
         return torch.autocast(self.causal_lm.device.type, dtype=torch.bfloat16, enabled=self.config.bf16_autocast)
 
 
-def _scatter(values: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+def _scatter(values: torch.Tensor | None, real: torch.Tensor) -> torch.Tensor | None:
     """Back from the real positions (N,) to the padded layout (b, T), zeros on padding."""
+    if values is None:
+        return None
     return torch.zeros(real.shape, dtype=values.dtype, device=values.device).masked_scatter(real, values)
