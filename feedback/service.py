@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import RowMapping, bindparam, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -23,6 +24,14 @@ from liveloop.tables import Completion, Feedback, OutboxMessage, utcnow
 log = logging.getLogger(__name__)
 
 RATINGS = ("up", "down")
+# Core statements built once, values bound per call: this runs on every rating, and ORM units of work and
+# per-call statement construction were most of its CPU time.
+_COMPLETIONS, _FEEDBACK, _OUTBOX = Completion.__table__, Feedback.__table__, OutboxMessage.__table__
+_COMPLETION = select(_COMPLETIONS).where(_COMPLETIONS.c.id == bindparam("completion_id"))
+_BY_FEEDBACK_ID = select(_FEEDBACK).where(_FEEDBACK.c.client_feedback_id == bindparam("feedback_id"))
+_LATEST = (select(_FEEDBACK.c.id, _FEEDBACK.c.revision).where(_FEEDBACK.c.completion_id == bindparam("completion_id"))
+           .order_by(_FEEDBACK.c.revision.desc()).limit(1))
+_ADD_FEEDBACK, _ADD_OUTBOX = insert(_FEEDBACK), insert(_OUTBOX)
 
 
 class FeedbackError(Exception):
@@ -76,10 +85,12 @@ class RecordedFeedback:
     created: bool  # False when this answers a repeated feedback_id
 
     @classmethod
-    def from_row(cls, row: Feedback, *, created: bool) -> RecordedFeedback:
-        return cls(id=row.id, completion_id=row.completion_id, rating=row.rating, reward=row.reward,
-                   revision=row.revision, supersedes=row.supersedes_id, feedback_id=row.client_feedback_id,
-                   comment=row.comment, user_id=row.user_id, created_at=as_utc(row.created_at), created=created)
+    def of(cls, row: Mapping, *, created: bool) -> RecordedFeedback:
+        """From a feedback row (a mapping of its columns)."""
+        return cls(id=row["id"], completion_id=row["completion_id"], rating=row["rating"], reward=row["reward"],
+                   revision=row["revision"], supersedes=row["supersedes_id"], feedback_id=row["client_feedback_id"],
+                   comment=row["comment"], user_id=row["user_id"], created_at=as_utc(row["created_at"]),
+                   created=created)
 
 
 @dataclass(frozen=True)
@@ -120,48 +131,47 @@ def _validate(request: _Request, config: FeedbackConfig) -> None:
 
 
 def _record_once(session: Session, request: _Request, config: FeedbackConfig) -> RecordedFeedback:
-    completion = session.get(Completion, request.completion_id)
+    completion = session.execute(_COMPLETION, {"completion_id": request.completion_id}).mappings().first()
     if completion is None:
         raise UnknownCompletion(f"no completion with id {request.completion_id!r}")
-    if request.user_id is not None and completion.user_id != request.user_id:
+    if request.user_id is not None and completion["user_id"] != request.user_id:
         raise NotCompletionOwner(f"completion {request.completion_id!r} was not served to this API key")
     if request.feedback_id is not None and (earlier := _by_feedback_id(session, request.feedback_id)) is not None:
         return _repeat(earlier, request)
-    previous = session.scalar(select(Feedback).where(Feedback.completion_id == request.completion_id)
-                              .order_by(Feedback.revision.desc()).limit(1))
-    row = Feedback(id=f"fb-{uuid.uuid4().hex}", completion_id=completion.id,
-                   revision=previous.revision + 1 if previous else 1, rating=request.rating,
-                   reward=config.reward(request.rating), comment=request.comment,
-                   client_feedback_id=request.feedback_id, supersedes_id=previous.id if previous else None,
-                   user_id=request.user_id, created_at=utcnow())
+    previous = session.execute(_LATEST, {"completion_id": request.completion_id}).first()
+    row = {"id": f"fb-{uuid.uuid4().hex}", "completion_id": request.completion_id,
+           "revision": previous.revision + 1 if previous else 1, "rating": request.rating,
+           "reward": config.reward(request.rating), "comment": request.comment,
+           "client_feedback_id": request.feedback_id, "supersedes_id": previous.id if previous else None,
+           "user_id": request.user_id, "created_at": utcnow()}
     event = _event(row, completion)
-    session.add(row)
-    session.add(OutboxMessage(event_id=event.event_id, topic=config.topic, key=completion.id,
-                              payload=event.model_dump(mode="json"), created_at=row.created_at))
-    session.flush()  # constraint violations surface here, inside the retry loop
-    return RecordedFeedback.from_row(row, created=True)
+    session.execute(_ADD_FEEDBACK, row)
+    session.execute(_ADD_OUTBOX, {"event_id": event.event_id, "topic": config.topic, "key": request.completion_id,
+                                  "payload": event.model_dump(mode="json"), "created_at": row["created_at"],
+                                  "attempts": 0, "sent_at": None, "last_error": None})
+    return RecordedFeedback.of(row, created=True)
 
 
-def _by_feedback_id(session: Session, feedback_id: str) -> Feedback | None:
-    return session.scalar(select(Feedback).where(Feedback.client_feedback_id == feedback_id))
+def _by_feedback_id(session: Session, feedback_id: str) -> RowMapping | None:
+    return session.execute(_BY_FEEDBACK_ID, {"feedback_id": feedback_id}).mappings().first()
 
 
-def _repeat(earlier: Feedback, request: _Request) -> RecordedFeedback:
+def _repeat(earlier: Mapping, request: _Request) -> RecordedFeedback:
     """The first answer again if this is the same request; a conflict if the key was reused for another."""
-    same = (earlier.completion_id, earlier.rating, earlier.comment, earlier.user_id) == (
+    same = (earlier["completion_id"], earlier["rating"], earlier["comment"], earlier["user_id"]) == (
         request.completion_id, request.rating, request.comment, request.user_id)
     if not same:
         raise FeedbackIdConflict(f"feedback_id {request.feedback_id!r} was already used for a different rating")
-    return RecordedFeedback.from_row(earlier, created=False)
+    return RecordedFeedback.of(earlier, created=False)
 
 
-def _event(row: Feedback, completion: Completion) -> FeedbackEvent:
+def _event(row: Mapping, completion: Mapping) -> FeedbackEvent:
     return FeedbackEvent(
-        event_id=uuid.uuid4().hex, feedback_id=row.id, completion_id=completion.id, revision=row.revision,
-        rating=row.rating, reward=row.reward, supersedes=row.supersedes_id, comment=row.comment,
-        user_id=row.user_id, rated_at=row.created_at, messages=completion.messages,
-        prompt_token_ids=completion.prompt_token_ids, response_token_ids=completion.response_token_ids,
-        behaviour_logprobs=completion.behaviour_logprobs, adapter_version=completion.adapter_version,
-        sampling_params=completion.sampling_params, dtype=completion.dtype,
-        completion_created_at=completion.created_at,
+        event_id=uuid.uuid4().hex, feedback_id=row["id"], completion_id=completion["id"], revision=row["revision"],
+        rating=row["rating"], reward=row["reward"], supersedes=row["supersedes_id"], comment=row["comment"],
+        user_id=row["user_id"], rated_at=row["created_at"], messages=completion["messages"],
+        prompt_token_ids=completion["prompt_token_ids"], response_token_ids=completion["response_token_ids"],
+        behaviour_logprobs=completion["behaviour_logprobs"], adapter_version=completion["adapter_version"],
+        sampling_params=completion["sampling_params"], dtype=completion["dtype"],
+        completion_created_at=completion["created_at"],
     )
