@@ -168,11 +168,20 @@ class RewardModel:
         return cls(model, head, config=config, base_model_id=base_model_id, pad_token_id=pad_token_id)
 
     @classmethod
-    def load(cls, model: PeftModel, path: Path, *, base_model_id: str, pad_token_id: int,
-             sha256: str | None = None) -> RewardModel:
-        """Load a saved version into ``model`` (replacing the weights of an existing reward adapter)."""
+    def load(cls, model: PeftModel, path: Path, *, base_model_id: str, pad_token_id: int, sha256: str | None = None,
+             config: RewardModelConfig | None = None) -> RewardModel:
+        """Load a saved version into ``model`` (replacing the weights of an existing reward adapter).
+
+        ``config`` retunes training from here on (None: the saved one); its LoRA shape must be the saved one.
+        The example buffer and Adam state are not saved: ratings refill the buffer as they arrive.
+        """
         manifest = verify_adapter(path, base_model_id=base_model_id, sha256=sha256)
         info = manifest["metadata"]
+        saved = RewardModelConfig(**info["config"])
+        config = config or saved
+        if (config.lora_r, config.lora_alpha) != (saved.lora_r, saved.lora_alpha):
+            raise ValueError(f"{path}: saved with LoRA r={saved.lora_r}, alpha={saved.lora_alpha}; "
+                             f"configured r={config.lora_r}, alpha={config.lora_alpha}")
         # is_trainable=True keeps peft from switching the whole model to eval mode; freeze it again below
         model.load_adapter(path, adapter_name=REWARD_ADAPTER, is_trainable=True)
         model.set_requires_grad(REWARD_ADAPTER, requires_grad=False)
@@ -180,8 +189,8 @@ class RewardModel:
         state = {k.removeprefix(_HEAD_PREFIX): v for k, v in tensors.items() if k.startswith(_HEAD_PREFIX)}
         head = nn.Linear(state["weight"].shape[1], 1, device=model.device)
         head.load_state_dict(state)
-        return cls(model, head, config=RewardModelConfig(**info["config"]), base_model_id=base_model_id,
-                   pad_token_id=pad_token_id, increments=info["increments"])
+        return cls(model, head, config=config, base_model_id=base_model_id, pad_token_id=pad_token_id,
+                   increments=info["increments"])
 
     def add(self, examples: Iterable[RatedResponse]) -> None:
         """Buffer new ratings; a newer rating of a completion replaces the older one, the oldest drop out."""

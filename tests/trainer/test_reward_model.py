@@ -171,6 +171,16 @@ def test_save_and_load_round_trip_verifies_and_reproduces_scores(make_tiny_peft_
         trained.save(tmp_path / "rm-1")
 
 
+def test_loading_may_retune_training_but_not_the_lora_shape(tiny_peft_model, make_tiny_peft_model, tmp_path):
+    RewardModel.create(tiny_peft_model, base_model_id="tiny", pad_token_id=PAD).save(tmp_path / "rm-1")
+    retuned = RewardModel.load(make_tiny_peft_model(), tmp_path / "rm-1", base_model_id="tiny", pad_token_id=PAD,
+                               config=RewardModelConfig(lr=3e-4))
+    assert retuned.config.lr == retuned.optimizer.param_groups[0]["lr"] == 3e-4
+    with pytest.raises(ValueError, match="saved with LoRA r=16"):
+        RewardModel.load(make_tiny_peft_model(), tmp_path / "rm-1", base_model_id="tiny", pad_token_id=PAD,
+                         config=RewardModelConfig(lora_r=8))
+
+
 def test_a_corrupt_head_is_refused(tiny_peft_model, make_tiny_peft_model, tmp_path):
     reward_model = RewardModel.create(tiny_peft_model, base_model_id="tiny", pad_token_id=PAD)
     reward_model.save(tmp_path / "rm-1")
