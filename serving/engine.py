@@ -252,6 +252,10 @@ class Engine:
             self._thread = threading.Thread(target=self._loop, name="liveloop-engine", daemon=True)
         self._thread.start()
 
+    def is_running(self) -> bool:
+        """The engine thread is alive and accepting work (false before start, after shutdown or a crash)."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopped
+
     def shutdown(self) -> None:
         """Stop the thread; every queued or running request and pending task ends with EngineStopped."""
         with self._lock:

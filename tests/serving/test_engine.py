@@ -302,7 +302,9 @@ def test_corrupt_or_foreign_adapter_is_refused_and_serving_goes_on(make_engine, 
 
 def test_async_streams_from_the_engine_thread(make_engine, tiny_base, make_adapter_dir):
     engine = make_engine()
+    assert not engine.is_running()
     engine.start()
+    assert engine.is_running()
     requests = [GenerationRequest(chat(tiny_base, content), params) for content, params in MIXED]
 
     async def consume(stream: RequestStream) -> tuple[list, GenerationResult]:
@@ -321,6 +323,8 @@ def test_async_streams_from_the_engine_thread(make_engine, tiny_base, make_adapt
         return outcomes, seen, await endless.result()
 
     outcomes, seen, cancelled = asyncio.run(main())
+    engine.shutdown()
+    assert not engine.is_running()
     for (events, result), req in zip(outcomes, requests, strict=True):
         assert [e.token_id for e in events] == result.token_ids and [e.logprob for e in events] == result.logprobs
         assert "".join(e.text for e in events) == result.text and len(result.token_ids) == req.params.max_tokens
