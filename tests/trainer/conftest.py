@@ -34,3 +34,13 @@ def make_tiny_peft_model(tiny_model_dir: Path) -> Callable[[], PeftModel]:
 @pytest.fixture
 def tiny_peft_model(make_tiny_peft_model: Callable[[], PeftModel]) -> PeftModel:
     return make_tiny_peft_model()
+
+
+@pytest.fixture
+def torch_one_thread():
+    """One intra-op thread for tiny models: their ops are too small to split, and on a shared 2-core machine
+    two threads waiting for each other made the PPO tests 50× slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
