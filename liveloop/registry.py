@@ -32,7 +32,7 @@ from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
@@ -188,11 +188,9 @@ class Registry:
         """Live ratings of the completions each version served (None: the base model), all versions when
         ``versions`` is None, counting completions created in [since, until). A change of mind counts once,
         as the completion's latest rating."""
-        newer = aliased(Feedback)
         query = (
             select(Completion.adapter_version, Feedback.rating, func.count())
-            .join(Feedback, Feedback.completion_id == Completion.id)
-            .where(~exists().where(newer.completion_id == Feedback.completion_id, newer.revision > Feedback.revision))
+            .join(Feedback, and_(Feedback.completion_id == Completion.id, current_rating()))
             .group_by(Completion.adapter_version, Feedback.rating)
         )
         if versions is not None:
@@ -272,9 +270,14 @@ class Registry:
             _move(session, version, State.CANARY, actor, reason, details)
             return version
 
-    def promote(self, name: str, *, actor: str, reason: str, details: dict | None = None) -> AdapterVersion:
-        """Make ``name`` the live version of its kind; the version it replaces is retired."""
-        with self._locked(name) as (session, version):
+    def promote(self, name: str, *, actor: str, reason: str, details: dict | None = None,
+                expect: State | None = None) -> AdapterVersion:
+        """Make ``name`` the live version of its kind; the version it replaces is retired.
+
+        ``expect``: refuse unless the version is still in that state (a decision taken on what was read before
+        the lock, e.g. a canary verdict, must not apply to a version someone else has moved meanwhile).
+        """
+        with self._locked(name, expect) as (session, version):
             _check(version, State.PROMOTED)
             live = _in_state(session, version.kind, State.PROMOTED)
             if live is not None:
@@ -283,21 +286,25 @@ class Registry:
             _move(session, version, State.PROMOTED, actor, reason, details)
             return version
 
-    def reject(self, name: str, *, actor: str, reason: str, details: dict | None = None) -> AdapterVersion:
-        with self._locked(name) as (session, version):
+    def reject(self, name: str, *, actor: str, reason: str, details: dict | None = None,
+               expect: State | None = None) -> AdapterVersion:
+        with self._locked(name, expect) as (session, version):
             _move(session, version, State.REJECTED, actor, reason, details)
             return version
 
     def rollback(self, kind: Kind = Kind.POLICY, *, to: str | None = None, actor: str, reason: str,
-                 details: dict | None = None) -> AdapterVersion | None:
+                 details: dict | None = None, expect_live: str | None = None) -> AdapterVersion | None:
         """Mark the live version rolled back and re-promote ``to`` or, by default, the version it replaced.
 
-        Returns the new live version; None when the base model serves again.
+        ``expect_live``: refuse unless that version is still the live one, so two monitors that both saw it
+        fail cannot roll back twice. Returns the new live version; None when the base model serves again.
         """
         with self._locked_kind(kind) as session:
             live = _in_state(session, kind, State.PROMOTED)
             if live is None:
                 raise IllegalTransition("nothing to roll back: the base model is live")
+            if expect_live is not None and live.name != expect_live:
+                raise IllegalTransition(f"{expect_live} is no longer live ({live.name} is)")
             target = _get(session, to) if to is not None else _get_optional(session, live.predecessor)
             if target is not None and (target.kind != kind or target.state != State.RETIRED):
                 raise IllegalTransition(
@@ -310,13 +317,16 @@ class Registry:
             return target
 
     @contextmanager
-    def _locked(self, name: str) -> Iterator[tuple[Session, AdapterVersion]]:
+    def _locked(self, name: str, expect: State | None = None) -> Iterator[tuple[Session, AdapterVersion]]:
         with self._sessions() as session:
             kind = session.scalar(select(AdapterVersion.kind).where(AdapterVersion.name == name))
         if kind is None:
             raise UnknownVersion(f"no adapter version named {name!r}")
         with self._locked_kind(kind) as session:
-            yield session, _get(session, name)
+            version = _get(session, name)
+            if expect is not None and version.state != expect:
+                raise IllegalTransition(f"{name} is {version.state}, no longer {expect}")
+            yield session, version
 
     @contextmanager
     def _locked_kind(self, kind: str) -> Iterator[Session]:
@@ -331,6 +341,12 @@ class Registry:
             yield session
             if self.events_topic is not None:
                 session.add(_routing_event(session, self.events_topic, kind, revision))
+
+
+def current_rating() -> ColumnElement[bool]:
+    """SQL condition on ``Feedback``: the row is its completion's latest rating (a change of mind replaces it)."""
+    newer = aliased(Feedback)
+    return ~exists().where(newer.completion_id == Feedback.completion_id, newer.revision > Feedback.revision)
 
 
 def _get(session: Session, name: str) -> AdapterVersion:

@@ -103,7 +103,7 @@ class Settings(BaseSettings):
 
     # --- gates ---------------------------------------------------------------------------------------
     gate_holdout_fraction: float = Field(
-        0.1, gt=0, lt=1, description="Share of live prompts (by a hash of the prompt) never trained on, for gates."
+        0.1, gt=0, lt=1, description="Share of live completions (stable hash of the id) never trained on, for gates."
     )
     gate_prompts: int = Field(16, ge=1, description="Held-out prompts each gate run generates for.")
     gate_max_new_tokens: int = Field(48, ge=1, description="Greedy tokens generated per held-out prompt.")
@@ -145,6 +145,9 @@ class Settings(BaseSettings):
     rollback_min_ratings: int = Field(50, ge=1, description="Ratings each side needs before a rollback decision.")
     rollback_alpha: float = Field(
         0.01, gt=0, lt=1, description="Significance of 'new version's thumbs-up rate < its predecessor's'."
+    )
+    promotion_interval_s: float = Field(
+        30.0, gt=0, description="How often the promotion monitor decides canaries and checks for rollbacks."
     )
 
     @property

@@ -9,7 +9,6 @@ from sqlalchemy import select
 from liveloop.adapters import WEIGHTS, AdapterArtifactError
 from liveloop.registry import IllegalTransition, Kind, Lineage, NameTaken, Registry, State, UnknownVersion
 from liveloop.tables import AdapterTransition, OutboxMessage, utcnow
-from tests.core.conftest import EVENTS_TOPIC
 
 
 def approved(registry: Registry, make_adapter_dir, name: str, seed: int = 0) -> None:
@@ -109,7 +108,7 @@ def test_routing_revision_grows_and_each_transition_announces_routing(registry_d
     assert registry.routing().revision == before + 2  # judge, promote
     with registry_db.sessions() as session:
         events = list(session.scalars(select(OutboxMessage).order_by(OutboxMessage.id)))
-    assert [e.topic for e in events] == [EVENTS_TOPIC] * 2
+    assert [e.topic for e in events] == [registry.events_topic] * 2 and registry.events_topic
     assert {k: events[-1].payload[k] for k in ("kind", "revision", "live", "canary")} == {
         "kind": "policy", "revision": before + 2, "live": "v1", "canary": None}
 
