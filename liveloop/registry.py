@@ -32,12 +32,13 @@ from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 
-from sqlalchemy import ColumnElement, and_, exists, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, exists, func, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from liveloop.adapters import AdapterArtifactError, verify_adapter
-from liveloop.artifacts import ArtifactStore
+from liveloop.artifacts import ArtifactStore, open_artifact_store
+from liveloop.settings import Settings
 from liveloop.tables import (
     AdapterHead,
     AdapterTransition,
@@ -116,6 +117,17 @@ class Thumbs:
     def rate(self) -> float | None:
         """The thumbs-up rate; None before any rating."""
         return self.up / self.n if self.n else None
+
+
+@dataclass(frozen=True)
+class DiffRow:
+    field: str
+    a: object
+    b: object
+
+    @property
+    def differs(self) -> bool:
+        return self.a != self.b
 
 
 @dataclass(frozen=True)
@@ -206,6 +218,42 @@ class Registry:
             for version, rating, n in session.execute(query):
                 counts.setdefault(version, {})[rating] = n
         return {version: Thumbs(up=c.get("up", 0), down=c.get("down", 0)) for version, c in counts.items()}
+
+    def ancestry(self, name: str) -> list[AdapterVersion]:
+        """``name`` and its parents, newest first, back to the version trained from the base model."""
+        chain = select(AdapterVersion.name, AdapterVersion.parent, literal(0).label("depth")) \
+            .where(AdapterVersion.name == name).cte("chain", recursive=True)
+        chain = chain.union_all(
+            select(AdapterVersion.name, AdapterVersion.parent, (chain.c.depth + 1).label("depth"))
+            .join(chain, AdapterVersion.name == chain.c.parent)
+        )
+        query = select(AdapterVersion).join(chain, AdapterVersion.name == chain.c.name).order_by(chain.c.depth)
+        with self._sessions() as session:
+            versions = list(session.scalars(query))
+        if not versions:
+            raise UnknownVersion(f"no adapter version named {name!r}")
+        return versions
+
+    def diff(self, a: str, b: str) -> list[DiffRow]:
+        """Two versions side by side: identity, lineage (including what each trained on since their common
+        ancestor), training metrics, gate values and live thumbs."""
+        lines = {name: self.ancestry(name) for name in (a, b)}
+        common = next((v.name for v in lines[a] if v.name in {w.name for w in lines[b]}), None)
+        va, vb = lines[a][0], lines[b][0]
+        thumbs = self.thumbs([a, b])
+        ta, tb = thumbs.get(a, Thumbs()), thumbs.get(b, Thumbs())
+        rows = [DiffRow(field, getattr(va, field), getattr(vb, field))
+                for field in ("kind", "state", "sha256", "base_model_id", "created_at", "parent", "reward_source")]
+        rows += [DiffRow("common ancestor", common, common),
+                 DiffRow("events since common ancestor", *(_events_since(lines[n], common) for n in (a, b))),
+                 DiffRow("kafka offsets", va.kafka_offsets, vb.kafka_offsets)]
+        rows += [DiffRow(f"metric {k}", va.training_metrics.get(k), vb.training_metrics.get(k))
+                 for k in sorted(va.training_metrics.keys() | vb.training_metrics.keys())]
+        gates = [_gate_values(v.gate_report) for v in (va, vb)]
+        rows += [DiffRow(f"gate {g}", gates[0].get(g), gates[1].get(g)) for g in dict.fromkeys([*gates[0], *gates[1]])]
+        rows += [DiffRow("thumbs up / rated", f"{ta.up} / {ta.n}", f"{tb.up} / {tb.n}"),
+                 DiffRow("thumbs-up rate", ta.rate, tb.rate)]
+        return rows
 
     # --- registration ---------------------------------------------------------------------------------
 
@@ -343,10 +391,26 @@ class Registry:
                 session.add(_routing_event(session, self.events_topic, kind, revision))
 
 
+def open_registry(sessions: sessionmaker[Session], settings: Settings) -> Registry:
+    """The registry as configured: the settings' artifact store, announcing transitions on adapter-events."""
+    return Registry(sessions, open_artifact_store(settings), events_topic=settings.adapter_events_topic)
+
+
 def current_rating() -> ColumnElement[bool]:
     """SQL condition on ``Feedback``: the row is its completion's latest rating (a change of mind replaces it)."""
     newer = aliased(Feedback)
     return ~exists().where(newer.completion_id == Feedback.completion_id, newer.revision > Feedback.revision)
+
+
+def _events_since(line: list[AdapterVersion], ancestor: str | None) -> int:
+    """Feedback events trained on along ``line`` (newest first) after ``ancestor`` (None: since the base)."""
+    names = [v.name for v in line]
+    newer = line[: names.index(ancestor)] if ancestor in names else line
+    return sum(len(v.consumed_event_ids) for v in newer)
+
+
+def _gate_values(report: dict | None) -> dict[str, object]:
+    return {g["name"]: g["value"] for g in (report or {}).get("gates", [])}
 
 
 def _get(session: Session, name: str) -> AdapterVersion:

@@ -11,12 +11,13 @@ from prometheus_client import make_asgi_app
 
 from liveloop.db import make_sessionmaker, open_database
 from liveloop.model import load_base_model
+from liveloop.registry import open_registry
 from liveloop.settings import Settings
 from serving.adapters import AdapterSet
 from serving.chat import ChatService
 from serving.engine import Engine
 from serving.errors import DeclaredBodyLimit, install_error_handlers
-from serving.routers import chat, health, models
+from serving.routers import admin, chat, health, models
 from serving.routers import feedback as feedback_routes
 from serving.store import CompletionStore
 
@@ -29,7 +30,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.users_by_key = settings.users_by_key
     install_error_handlers(app)
     app.add_middleware(DeclaredBodyLimit, max_bytes=settings.max_body_bytes)
-    for router in (chat.router, models.router, health.router, feedback_routes.router):
+    for router in (chat.router, models.router, health.router, feedback_routes.router, admin.router):
         app.include_router(router, max_body_size=settings.max_body_bytes)
     app.mount("/metrics", make_asgi_app())
     return app
@@ -45,6 +46,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     sessions = make_sessionmaker(db_engine)
     state = app.state
     state.db_engine, state.sessions, state.engine, state.adapters = db_engine, sessions, engine, adapters
+    state.registry = open_registry(sessions, settings)
     state.chat = ChatService(engine=engine, tokenizer=base.tokenizer, context_length=base.context_length,
                              adapters=adapters, store=CompletionStore(sessions), settings=settings)
     engine.start()

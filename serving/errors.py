@@ -51,6 +51,10 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class Conflict(APIError):
+    status, code = 409, "conflict"
+
+
 class PayloadTooLarge(APIError):
     status, code = 413, "payload_too_large"
 

@@ -6,6 +6,7 @@ import logging
 
 import typer
 
+from liveloop.cli import adapters as adapter_commands
 from liveloop.cli import feedback as feedback_commands
 from liveloop.settings import Settings
 
@@ -13,6 +14,7 @@ app = typer.Typer(help="liveloop: serve a chat model and improve it from its use
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(feedback_commands.app)  # relay, replay, broker
+app.add_typer(adapter_commands.app, name="adapters")  # list, show, promote, reject, rollback, diff
 
 
 def _settings() -> Settings:

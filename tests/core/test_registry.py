@@ -220,3 +220,23 @@ def test_registry_migration_downgrades_and_upgrades(registry_db, database_url):
     command.downgrade(alembic_config(database_url), "0002")
     command.upgrade(alembic_config(database_url), "head")
     assert registry_db.registry.routing().revision == 0
+
+
+def test_ancestry_and_diff_show_lineage_metrics_gates_and_thumbs(registry, make_adapter_dir, rate):
+    registry.register("v1", make_adapter_dir("v1"), lineage=Lineage(event_ids=("e1", "e2")))
+    registry.register("v2", make_adapter_dir("v2", seed=1), lineage=Lineage(parent="v1", event_ids=("e3",)),
+                      training_metrics={"kl": 0.2})
+    registry.register("v3", make_adapter_dir("v3", seed=2), lineage=Lineage(parent="v1", event_ids=("e4", "e5")),
+                      training_metrics={"kl": 0.3, "beta": 0.1})
+    registry.judge("v2", report={"gates": [{"name": "kl", "value": 0.01}]}, failed=[])
+    rate("v2", up=3, down=1)
+    assert [v.name for v in registry.ancestry("v2")] == ["v2", "v1"]
+    rows = {row.field: row for row in registry.diff("v2", "v3")}
+    assert (rows["common ancestor"].a, rows["events since common ancestor"].a,
+            rows["events since common ancestor"].b) == ("v1", 1, 2)
+    assert not rows["parent"].differs and rows["state"].differs
+    assert (rows["metric kl"].a, rows["metric kl"].b, rows["metric beta"].a) == (0.2, 0.3, None)
+    assert (rows["gate kl"].a, rows["gate kl"].b) == (0.01, None)
+    assert (rows["thumbs-up rate"].a, rows["thumbs-up rate"].b) == (0.75, None)
+    with pytest.raises(UnknownVersion):
+        registry.ancestry("nope")
