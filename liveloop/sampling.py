@@ -94,12 +94,13 @@ def sample(logp: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, to
     return tokens, chosen
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
+                   temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
     """log softmax(logits / T)[token] without materialising the full log-softmax.
 
-    logits (..., V), tokens (...). The differentiable training-side log-prob of the policy: temperature only,
-    no top-p (a hard nucleus would give -inf and no gradient); the gap to the recorded behaviour log-prob is
-    what the truncated importance weight corrects.
+    logits (..., V), tokens (...); temperature a float or a tensor (..., 1), one per position. The differentiable
+    training-side log-prob of the policy: temperature only, no top-p (a hard nucleus would give -inf and no
+    gradient); the gap to the recorded behaviour log-prob is what the truncated importance weight corrects.
     """
     scaled = logits.float() / temperature
     picked = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
