@@ -42,11 +42,23 @@ from trainer.ppo import (
 
 log = logging.getLogger(__name__)
 
-# The fixed metric set of every update, under the names the exporter and the gates read.
+# The fixed metric set of every update, under the names the exporter and the gates read. Means over response
+# tokens unless said otherwise; the training statistics are averaged over every minibatch of every epoch.
 METRIC_NAMES = (
-    "reward_mean", "kl", "beta", "pg_loss", "v_loss", "entropy", "approx_kl", "clipfrac", "ratio_mean",
-    "explained_variance", "is_weight_mean", "grad_norm", "samples", "dropped_stale", "tokens_per_s",
-    "applied", "discarded",
+    "reward_mean",  # mean score of the trained samples
+    "kl",  # Σ_t KL_t(π_prox‖π_ref) per sequence, batch mean: what the adaptive β steers
+    "beta",  # the β this update's rewards were computed with
+    "pg_loss", "v_loss", "entropy",  # the loss terms (entropy of π_θ at each sample's temperature)
+    "approx_kl",  # k3 estimate of KL(π_prox‖π_θ): how far the epochs moved the policy
+    "clipfrac",  # share of tokens with |ρ − 1| > ε
+    "ratio_mean",  # mean ρ = π_θ/π_prox
+    "explained_variance",  # of the returns by the old values; NaN when the returns are constant
+    "is_weight_mean",  # mean truncated importance weight min(π_prox/μ, C); 1 on fresh on-policy samples
+    "grad_norm",  # before clipping
+    "samples", "dropped_stale",  # sequences trained on / dropped as staler than max_staleness
+    "tokens_per_s",  # (prompt + response) tokens × epochs per second of the whole update
+    "applied",  # 1 when the weights changed and the version advanced
+    "discarded",  # 1 when a non-finite value threw the update away (weights restored)
 )
 # A recorded log-prob may exceed 0 by float32 rounding, never by more.
 _LOGPROB_SLACK = 1e-4
@@ -137,8 +149,9 @@ def check_samples(policy: PolicyValueModel, samples: Sequence[Sample]) -> None:
 def _pad(policy: PolicyValueModel, samples: Sequence[Sample]) -> PaddedBatch:
     # greedy samples have no temperature of their own; the config says which one the policy is trained at
     temperature = [s.temperature if s.temperature > 0 else policy.config.temperature for s in samples]
+    # the padding id is never attended to (it follows every real token), so any valid id does
     batch = PaddedBatch.from_tokens([list(s.prompt_ids) for s in samples], [list(s.response_ids) for s in samples],
-                                    temperature, policy.causal_lm.config.pad_token_id or 0)
+                                    temperature, pad_token_id=0)
     return batch.to(policy.causal_lm.device)
 
 
