@@ -101,6 +101,19 @@ class Settings(BaseSettings):
         None, description="Where the artifact store keeps adapter versions; default data_dir/adapters."
     )
 
+    # --- trainer -------------------------------------------------------------------------------------
+    reward_source: Literal["direct", "reward_model"] = Field(
+        "direct", description="direct: the thumb is the reward of the logged sample; reward_model: a model learned "
+        "from the thumbs scores fresh responses of the current policy (on-policy PPO).",
+    )
+    train_batch_min: int = Field(16, ge=1, description="Ratings a PPO update waits for (held-out ones not counted).")
+    train_batch_max: int = Field(64, ge=1, description="Most ratings one PPO update trains on.")
+    train_poll_s: float = Field(5.0, gt=0, description="Longest wait for more ratings in one poll of the topic.")
+    trainer_metrics_port: int = Field(9100, ge=0, le=65535, description="Prometheus port of `liveloop train`; 0: none.")
+    ppo: dict = Field(default_factory=dict, description="PPOConfig overrides as JSON, e.g. '{\"learning_rate\": 1e-5}'.")
+    reward_model: dict = Field(default_factory=dict, description="RewardModelConfig overrides as JSON.")
+    rollout: dict = Field(default_factory=dict, description="RolloutConfig overrides as JSON (reward_model mode).")
+
     # --- gates ---------------------------------------------------------------------------------------
     gate_holdout_fraction: float = Field(
         0.1, gt=0, lt=1, description="Share of live completions (stable hash of the id) never trained on, for gates."

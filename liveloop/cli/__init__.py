@@ -8,6 +8,7 @@ import typer
 
 from liveloop.cli import adapters as adapter_commands
 from liveloop.cli import feedback as feedback_commands
+from liveloop.cli import trainer as trainer_commands
 from liveloop.settings import Settings
 
 app = typer.Typer(help="liveloop: serve a chat model and improve it from its users' thumbs.", no_args_is_help=True)
@@ -15,6 +16,7 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(feedback_commands.app)  # relay, replay, broker
 app.add_typer(adapter_commands.app, name="adapters")  # list, show, promote, reject, rollback, diff
+app.add_typer(trainer_commands.app)  # train
 
 
 def _settings() -> Settings:
@@ -36,8 +38,32 @@ def serve(host: str = typer.Option(None, help="Default: LIVELOOP_HOST."),
 
 @app.command()
 def up() -> None:
-    """Run the whole loop on embedded defaults: SQLite under ./var, the packaged model, the API."""
-    serve(host=None, port=None)
+    """Run the whole loop on one machine: broker (embedded unless LIVELOOP_KAFKA_BOOTSTRAP is set), the API
+    with its outbox relay, and the trainer; SQLite under ./var and the packaged model by default."""
+    import os
+    import subprocess
+    import sys
+
+    import uvicorn
+
+    from feedback.broker import resolved_kafka
+    from feedback.kafka import ensure_topics
+    from liveloop.db import migrate
+    from liveloop.model import prepare_base_model
+    from serving.app import create_app
+
+    settings = _settings()
+    migrate(settings.resolved_database_url)  # once, before two processes would race to do it
+    prepare_base_model(settings)
+    with resolved_kafka(settings) as settings:
+        ensure_topics(settings)
+        env = {**os.environ, "LIVELOOP_KAFKA_BOOTSTRAP": settings.kafka_bootstrap}
+        trainer = subprocess.Popen([sys.executable, "-m", "liveloop", "train"], env=env)
+        try:
+            uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+        finally:
+            trainer.terminate()
+            trainer.wait(60)
 
 
 @app.command("prepare-model")

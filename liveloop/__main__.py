@@ -1,0 +1,3 @@
+from liveloop.cli import app
+
+app(prog_name="liveloop")
