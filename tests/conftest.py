@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from feedback.broker import EmbeddedBroker
 from liveloop.artifacts import LocalArtifactStore
 from liveloop.db import make_engine, make_sessionmaker, migrate
 from liveloop.model import prepare_base_model
@@ -170,3 +171,30 @@ def rate(registry_db: RegistryDB):
                     session.flush()
 
     return add
+
+
+# --- Kafka ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+    """Shared by a module's tests; each test uses topics of its own (see ``kafka_settings``)."""
+    with EmbeddedBroker(log_path=tmp_path_factory.mktemp("broker") / "tansu.log") as running:
+        yield running
+
+
+@pytest.fixture
+def kafka_settings(make_settings, broker: EmbeddedBroker):
+    """Settings on the shared broker with topic names and a consumer group unique to the test."""
+
+    def make(**overrides) -> Settings:
+        suffix = uuid.uuid4().hex[:8]
+        names = {"feedback_topic": f"feedback-{suffix}", "feedback_dlq_topic": f"feedback-dlq-{suffix}",
+                 "adapter_events_topic": f"adapter-events-{suffix}", "feedback_consumer_group": f"trainer-{suffix}"}
+        # a group join takes about half the session timeout
+        quick = {"relay_poll_interval_s": 0.05, "relay_max_backoff_s": 0.5, "kafka_request_timeout_ms": 2_000,
+                 "kafka_delivery_timeout_ms": 4_000, "kafka_session_timeout_ms": 3_000,
+                 "kafka_heartbeat_interval_ms": 500}
+        return make_settings(**{"kafka_bootstrap": broker.bootstrap} | quick | names | overrides)
+
+    return make
