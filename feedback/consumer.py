@@ -79,6 +79,10 @@ class FeedbackConsumer:
         if offsets:
             self._consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()})
 
+    def committed(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        """The group's committed offset of each partition (0 where nothing was committed yet)."""
+        return {tp: self._consumer.committed(tp) or 0 for tp in partitions}
+
     def close(self) -> None:
         self._consumer.close(autocommit=False)
         self._dead_letters.close()
