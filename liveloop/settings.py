@@ -163,6 +163,15 @@ class Settings(BaseSettings):
         30.0, gt=0, description="How often the promotion monitor decides canaries and checks for rollbacks."
     )
 
+    # --- hot-swap ------------------------------------------------------------------------------------
+    adapter_poll_s: float = Field(
+        1.0, gt=0, description="How often a serving replica re-reads the registry's routing (events come faster)."
+    )
+    adapter_load_timeout_s: float = Field(60.0, gt=0, description="Longest wait for an adapter to load.")
+    adapter_unload_grace_s: float = Field(
+        30.0, ge=0, description="Versions out of the routing (live, canary, previous) this long are unloaded."
+    )
+
     @property
     def resolved_artifact_dir(self) -> Path:
         return self.artifact_dir or self.data_dir / "adapters"

@@ -1,14 +1,20 @@
 """Which model version a request is served by.
 
-The ``model`` field of a request names the alias (always the live version), the base model's id, or one
-specific adapter version. This object owns the live pointer; the engine only knows loaded adapter names.
+The ``model`` field of a request names the alias (the live version, or the canary for users in the canary
+slice), the base model's id, or one specific loaded adapter version. This object owns the routing; the engine
+only knows loaded adapter names, and ``serving.hotswap`` keeps both in step with the registry.
+
+The routing is one immutable snapshot replaced by a single reference assignment, so a request resolves against
+either the old or the new routing, never a mix; once resolved, the engine pins the version to the request, so
+it finishes on the version it started with.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from liveloop.promotion import in_canary
 from serving.errors import ModelNotFound
 from serving.protocol import ModelCard
 
@@ -19,37 +25,82 @@ class Resolved:
     served_name: str  # what the response's `model` field says
 
 
+@dataclass(frozen=True)
+class _Routing:
+    live: str | None = None  # None: the base model
+    canary: str | None = None
+    previous: str | None = None  # the live version before the last switch, kept loaded for a rollback
+    loaded: frozenset[str] = frozenset()  # versions servable by name
+
+
 class AdapterSet:
-    def __init__(self, *, base_model_id: str, alias: str):
-        self.base_model_id = base_model_id
-        self.alias = alias
-        self.live: str | None = None
-        self._versions: dict[str, float] = {}  # loaded version name → when it became servable
+    def __init__(self, *, base_model_id: str, alias: str, canary_fraction: float = 0.0):
+        self.base_model_id, self.alias, self.canary_fraction = base_model_id, alias, canary_fraction
+        self._routing = _Routing()
+        self._since: dict[str, float] = {}  # loaded version → when it became servable
+        self.refused: dict[str, str] = {}  # version → why this replica could not load it (shown by /readyz)
         self._created = int(time.time())
 
+    @property
+    def live(self) -> str | None:
+        return self._routing.live
+
+    @property
+    def canary(self) -> str | None:
+        return self._routing.canary
+
+    @property
+    def previous(self) -> str | None:
+        return self._routing.previous
+
     def add_version(self, name: str) -> None:
-        self._versions.setdefault(name, time.time())
+        self._since.setdefault(name, time.time())
+        self._routing = replace(self._routing, loaded=self._routing.loaded | {name})
+        self.refused.pop(name, None)
+
+    def remove_version(self, name: str) -> None:
+        routing = self._routing
+        if name in (routing.live, routing.canary):
+            raise ValueError(f"version {name!r} is routed to; switch away from it first")
+        self._routing = replace(routing, loaded=routing.loaded - {name},
+                                previous=None if routing.previous == name else routing.previous)
+        self._since.pop(name, None)
+
+    def switch(self, *, live: str | None, canary: str | None) -> None:
+        """Route the alias to ``live`` (None: the base model) and the canary slice to ``canary``, atomically."""
+        routing = self._routing
+        for name in (live, canary):
+            if name is not None and name not in routing.loaded:
+                raise KeyError(f"version {name!r} is not loaded")
+        previous = routing.live if live != routing.live else routing.previous
+        self._routing = replace(routing, live=live, canary=canary, previous=previous)
 
     def set_live(self, name: str | None) -> None:
-        if name is not None and name not in self._versions:
-            raise KeyError(f"version {name!r} is not loaded")
-        self.live = name  # one reference assignment: a request sees either the old or the new pointer
+        self.switch(live=name, canary=self.canary)
 
     def resolve(self, model: str, user: str | None = None) -> Resolved:
+        routing = self._routing  # one read: the whole resolution sees one routing
         if model == self.alias:
-            live = self.live
-            return Resolved(live, live or self.base_model_id)
+            chosen = routing.live
+            if routing.canary is not None and in_canary(user, routing.canary, self.canary_fraction):
+                chosen = routing.canary
+            return Resolved(chosen, chosen or self.base_model_id)
         if model == self.base_model_id:
             return Resolved(None, self.base_model_id)
-        if model in self._versions:
+        if model in routing.loaded:
             return Resolved(model, model)
         raise ModelNotFound(f"The model '{model}' does not exist; GET /v1/models lists the servable ones.",
                             param="model")
 
     def model_cards(self) -> list[ModelCard]:
-        cards = [ModelCard(id=self.alias, created=self._created, state="live", version=self.live),
+        routing = self._routing
+        cards = [ModelCard(id=self.alias, created=self._created, state="live", version=routing.live),
                  ModelCard(id=self.base_model_id, created=self._created,
-                           state="live" if self.live is None else "base")]
-        cards += [ModelCard(id=name, created=int(since), state="live" if name == self.live else "loaded",
-                            version=name) for name, since in self._versions.items()]
+                           state="live" if routing.live is None else "base")]
+        cards += [ModelCard(id=name, created=int(self._since.get(name, self._created)), version=name,
+                            state=_card_state(name, routing)) for name in sorted(routing.loaded)]
         return cards
+
+
+def _card_state(name: str, routing: _Routing) -> str:
+    return {routing.live: "live", routing.canary: "canary", routing.previous: "previous"}.get(name, "loaded")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,6 +18,7 @@ from serving.adapters import AdapterSet
 from serving.chat import ChatService
 from serving.engine import Engine
 from serving.errors import DeclaredBodyLimit, install_error_handlers
+from serving.hotswap import AdapterWatcher
 from serving.routers import admin, chat, health, models
 from serving.routers import feedback as feedback_routes
 from serving.store import CompletionStore
@@ -42,7 +44,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     db_engine = open_database(settings)
     base = load_base_model(settings)
     engine = Engine(base, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue)
-    adapters = AdapterSet(base_model_id=base.model_id, alias=settings.model_alias)
+    adapters = AdapterSet(base_model_id=base.model_id, alias=settings.model_alias,
+                          canary_fraction=settings.canary_fraction)
     sessions = make_sessionmaker(db_engine)
     state = app.state
     state.db_engine, state.sessions, state.engine, state.adapters = db_engine, sessions, engine, adapters
@@ -50,9 +53,14 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.chat = ChatService(engine=engine, tokenizer=base.tokenizer, context_length=base.context_length,
                              adapters=adapters, store=CompletionStore(sessions), settings=settings)
     engine.start()
+    state.adapter_watcher = AdapterWatcher(registry=state.registry, engine=engine, adapters=adapters,
+                                           settings=settings)
+    await asyncio.to_thread(state.adapter_watcher.sync)  # ready only once the live version is loaded
+    state.adapter_watcher.start()
     log.info("serving %s (%s on %s)", base.model_id, settings.dtype, base.device)
     try:
         yield
     finally:
+        state.adapter_watcher.stop()
         engine.shutdown()
         db_engine.dispose()
