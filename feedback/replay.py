@@ -10,12 +10,11 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from feedback.events import as_utc
 from feedback.kafka import Publisher
-from feedback.relay import outbox_message
+from feedback.relay import OUTBOX_MESSAGES, outbox_message
 from liveloop.settings import Settings
 from liveloop.tables import OutboxMessage
 
@@ -31,17 +30,17 @@ def replay(session_factory: sessionmaker[Session], settings: Settings, *, since:
     """Republish the feedback events recorded in [since, until) (naive times are UTC); returns how many Kafka
     acknowledged. Raises ReplayError at the first batch Kafka did not fully acknowledge; running it again is
     safe."""
-    query = select(OutboxMessage).where(OutboxMessage.topic == settings.feedback_topic,
-                                        OutboxMessage.created_at >= as_utc(since))
+    outbox = OutboxMessage.__table__
+    query = OUTBOX_MESSAGES.where(outbox.c.topic == settings.feedback_topic, outbox.c.created_at >= as_utc(since))
     if until is not None:
-        query = query.where(OutboxMessage.created_at < as_utc(until))
+        query = query.where(outbox.c.created_at < as_utc(until))
     publisher = Publisher(settings, "liveloop-replay")
     republished, after_id = 0, 0
     try:
         while True:
             with session_factory() as session:
-                rows = session.scalars(query.where(OutboxMessage.id > after_id)
-                                       .order_by(OutboxMessage.id).limit(batch_size)).all()
+                page = query.where(outbox.c.id > after_id).order_by(outbox.c.id).limit(batch_size)
+                rows = session.execute(page).all()
             if not rows:
                 log.info("replayed %d feedback events", republished)
                 return republished

@@ -1,36 +1,44 @@
-"""Recording a rating: the feedback row and its outbox event in one transaction (no HTTP here).
+"""Recording ratings: each feedback row and its outbox event in the same transaction (no HTTP here).
 
-Race safety comes from two unique constraints, not from locks, so it holds on SQLite and PostgreSQL alike:
-``client_feedback_id`` makes a repeated request read back the first one's answer, and ``(completion_id,
-revision)`` makes two concurrent changes of mind on one completion form a chain instead of a fork.
+Race safety comes from two unique constraints, not from locks, so it holds on SQLite and PostgreSQL alike and
+across API replicas: ``client_feedback_id`` makes a repeated request read back the first one's answer, and
+``(completion_id, revision)`` makes two concurrent changes of mind on one completion form a chain, not a fork.
+A transaction that loses such a race rolls back and runs again on what the winner wrote.
+
+The API records through ``FeedbackWriter``, which commits whatever requests are waiting together (group commit):
+one commit and a handful of statements then carry many ratings.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import RowMapping, bindparam, insert, select
+from sqlalchemy import bindparam, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from feedback.events import FeedbackEvent, as_utc
+from feedback.relay import Relay
 from liveloop.settings import Settings
 from liveloop.tables import Completion, Feedback, OutboxMessage, utcnow
 
 log = logging.getLogger(__name__)
 
 RATINGS = ("up", "down")
-# Core statements built once, values bound per call: this runs on every rating, and ORM units of work and
-# per-call statement construction were most of its CPU time.
+# Core statements built once, values bound per call: ORM units of work and per-call statement construction
+# were most of the CPU time of a rating.
 _COMPLETIONS, _FEEDBACK, _OUTBOX = Completion.__table__, Feedback.__table__, OutboxMessage.__table__
-_COMPLETION = select(_COMPLETIONS).where(_COMPLETIONS.c.id == bindparam("completion_id"))
-_BY_FEEDBACK_ID = select(_FEEDBACK).where(_FEEDBACK.c.client_feedback_id == bindparam("feedback_id"))
-_LATEST = (select(_FEEDBACK.c.id, _FEEDBACK.c.revision).where(_FEEDBACK.c.completion_id == bindparam("completion_id"))
-           .order_by(_FEEDBACK.c.revision.desc()).limit(1))
+_COMPLETIONS_BY_ID = select(_COMPLETIONS).where(_COMPLETIONS.c.id.in_(bindparam("keys", expanding=True)))
+_FEEDBACK_BY_CLIENT_ID = select(_FEEDBACK).where(_FEEDBACK.c.client_feedback_id.in_(bindparam("keys", expanding=True)))
+_RATINGS_OF = (select(_FEEDBACK.c.id, _FEEDBACK.c.completion_id, _FEEDBACK.c.revision)
+               .where(_FEEDBACK.c.completion_id.in_(bindparam("keys", expanding=True))))
 _ADD_FEEDBACK, _ADD_OUTBOX = insert(_FEEDBACK), insert(_OUTBOX)
 
 
@@ -94,69 +102,104 @@ class RecordedFeedback:
 
 
 @dataclass(frozen=True)
-class _Request:
+class FeedbackRequest:
     completion_id: str
     rating: str
-    feedback_id: str | None
-    comment: str | None
-    user_id: str | None
+    feedback_id: str | None = None  # the client's idempotency key
+    comment: str | None = None
+    user_id: str | None = None  # the caller's identity when API keys are configured; None when the API is open
 
 
 def record_feedback(session_factory: sessionmaker[Session], *, completion_id: str, rating: str,
                     feedback_id: str | None = None, comment: str | None = None, user_id: str | None = None,
                     config: FeedbackConfig = FeedbackConfig(), max_attempts: int = 5) -> RecordedFeedback:
-    """Store a rating and its event. ``user_id`` is the caller's identity when API keys are configured (then it
-    must be the one the completion was served to), None when the API is open."""
-    request = _Request(completion_id, rating, feedback_id, comment, user_id)
-    _validate(request, config)
+    """Store one rating and its event. With a ``user_id`` the completion must have been served to that user."""
+    request = FeedbackRequest(completion_id, rating, feedback_id, comment, user_id)
+    [result] = record_batch(session_factory, [request], config=config, max_attempts=max_attempts)
+    if isinstance(result, FeedbackError):
+        raise result
+    return result
+
+
+def record_batch(session_factory: sessionmaker[Session], requests: Sequence[FeedbackRequest], *,
+                 config: FeedbackConfig = FeedbackConfig(),
+                 max_attempts: int = 5) -> list[RecordedFeedback | FeedbackError]:
+    """Store many ratings in one transaction; each request gets its answer or its typed error, in order."""
     for _ in range(max_attempts):
         try:
             with session_factory.begin() as session:
-                return _record_once(session, request, config)
-        except IntegrityError:
-            if feedback_id is not None:  # a concurrent request with the same feedback_id won: answer as it did
-                with session_factory() as session:
-                    earlier = _by_feedback_id(session, feedback_id)
-                if earlier is not None:
-                    return _repeat(earlier, request)
-            log.debug("revision of completion %s taken concurrently; retrying", completion_id)
-    raise FeedbackError(f"completion {completion_id} is being rated concurrently; {max_attempts} attempts failed")
+                return _record_batch(session, requests, config)
+        except IntegrityError:  # another writer took a feedback_id or a revision first: redo on its rows
+            log.debug("feedback batch of %d lost a race; retrying", len(requests))
+    error = FeedbackError(f"ratings are being written concurrently; {max_attempts} attempts failed")
+    return [error] * len(requests)
 
 
-def _validate(request: _Request, config: FeedbackConfig) -> None:
+def _record_batch(session: Session, requests: Sequence[FeedbackRequest],
+                  config: FeedbackConfig) -> list[RecordedFeedback | FeedbackError]:
+    completions = _rows_by(session, _COMPLETIONS_BY_ID, "id", {r.completion_id for r in requests})
+    earlier = _rows_by(session, _FEEDBACK_BY_CLIENT_ID, "client_feedback_id", {r.feedback_id for r in requests})
+    latest: dict[str, Mapping] = {}  # completion id -> its latest rating, so changes of mind chain
+    for row in _rows(session, _RATINGS_OF, set(completions)):
+        if row["completion_id"] not in latest or row["revision"] > latest[row["completion_id"]]["revision"]:
+            latest[row["completion_id"]] = row
+    results: list[RecordedFeedback | FeedbackError] = []
+    new_rows: list[dict] = []
+    for request in requests:
+        try:
+            result, row = _decide(request, completions, earlier, latest, config)
+        except FeedbackError as exc:
+            result, row = exc, None
+        results.append(result)
+        if row is not None:
+            new_rows.append(row)
+    if new_rows:
+        session.execute(_ADD_FEEDBACK, new_rows)
+        session.execute(_ADD_OUTBOX, [_outbox_row(row, completions[row["completion_id"]], config) for row in new_rows])
+    return results
+
+
+def _rows(session: Session, statement, keys: set) -> list[Mapping]:
+    keys.discard(None)
+    return session.execute(statement, {"keys": list(keys)}).mappings().all() if keys else []
+
+
+def _rows_by(session: Session, statement, column: str, keys: set) -> dict[str, Mapping]:
+    return {row[column]: row for row in _rows(session, statement, keys)}
+
+
+def _decide(request: FeedbackRequest, completions: Mapping[str, Mapping], earlier: dict[str, Mapping],
+            latest: dict[str, Mapping], config: FeedbackConfig) -> tuple[RecordedFeedback, dict | None]:
+    """The answer to one request, and the feedback row to insert if it is a new rating. Updates ``earlier`` and
+    ``latest`` so that later requests of the same batch see it."""
+    _validate(request, config)
+    completion = completions.get(request.completion_id)
+    if completion is None:
+        raise UnknownCompletion(f"no completion with id {request.completion_id!r}")
+    if request.user_id is not None and completion["user_id"] != request.user_id:
+        raise NotCompletionOwner(f"completion {request.completion_id!r} was not served to this API key")
+    if request.feedback_id in earlier:
+        return _repeat(earlier[request.feedback_id], request), None
+    previous = latest.get(request.completion_id)
+    row = {"id": f"fb-{uuid.uuid4().hex}", "completion_id": request.completion_id,
+           "revision": previous["revision"] + 1 if previous else 1, "rating": request.rating,
+           "reward": config.reward(request.rating), "comment": request.comment,
+           "client_feedback_id": request.feedback_id, "supersedes_id": previous["id"] if previous else None,
+           "user_id": request.user_id, "created_at": utcnow()}
+    latest[request.completion_id] = row
+    if request.feedback_id is not None:
+        earlier[request.feedback_id] = row
+    return RecordedFeedback.of(row, created=True), row
+
+
+def _validate(request: FeedbackRequest, config: FeedbackConfig) -> None:
     if request.rating not in RATINGS:
         raise InvalidFeedback(f"rating must be one of {', '.join(RATINGS)}, not {request.rating!r}")
     if request.comment is not None and len(request.comment) > config.comment_max_chars:
         raise InvalidFeedback(f"comment is {len(request.comment)} characters; at most {config.comment_max_chars}")
 
 
-def _record_once(session: Session, request: _Request, config: FeedbackConfig) -> RecordedFeedback:
-    completion = session.execute(_COMPLETION, {"completion_id": request.completion_id}).mappings().first()
-    if completion is None:
-        raise UnknownCompletion(f"no completion with id {request.completion_id!r}")
-    if request.user_id is not None and completion["user_id"] != request.user_id:
-        raise NotCompletionOwner(f"completion {request.completion_id!r} was not served to this API key")
-    if request.feedback_id is not None and (earlier := _by_feedback_id(session, request.feedback_id)) is not None:
-        return _repeat(earlier, request)
-    previous = session.execute(_LATEST, {"completion_id": request.completion_id}).first()
-    row = {"id": f"fb-{uuid.uuid4().hex}", "completion_id": request.completion_id,
-           "revision": previous.revision + 1 if previous else 1, "rating": request.rating,
-           "reward": config.reward(request.rating), "comment": request.comment,
-           "client_feedback_id": request.feedback_id, "supersedes_id": previous.id if previous else None,
-           "user_id": request.user_id, "created_at": utcnow()}
-    event = _event(row, completion)
-    session.execute(_ADD_FEEDBACK, row)
-    session.execute(_ADD_OUTBOX, {"event_id": event.event_id, "topic": config.topic, "key": request.completion_id,
-                                  "payload": event.model_dump(mode="json"), "created_at": row["created_at"],
-                                  "attempts": 0, "sent_at": None, "last_error": None})
-    return RecordedFeedback.of(row, created=True)
-
-
-def _by_feedback_id(session: Session, feedback_id: str) -> RowMapping | None:
-    return session.execute(_BY_FEEDBACK_ID, {"feedback_id": feedback_id}).mappings().first()
-
-
-def _repeat(earlier: Mapping, request: _Request) -> RecordedFeedback:
+def _repeat(earlier: Mapping, request: FeedbackRequest) -> RecordedFeedback:
     """The first answer again if this is the same request; a conflict if the key was reused for another."""
     same = (earlier["completion_id"], earlier["rating"], earlier["comment"], earlier["user_id"]) == (
         request.completion_id, request.rating, request.comment, request.user_id)
@@ -165,8 +208,8 @@ def _repeat(earlier: Mapping, request: _Request) -> RecordedFeedback:
     return RecordedFeedback.of(earlier, created=False)
 
 
-def _event(row: Mapping, completion: Mapping) -> FeedbackEvent:
-    return FeedbackEvent(
+def _outbox_row(row: Mapping, completion: Mapping, config: FeedbackConfig) -> dict:
+    event = FeedbackEvent(
         event_id=uuid.uuid4().hex, feedback_id=row["id"], completion_id=completion["id"], revision=row["revision"],
         rating=row["rating"], reward=row["reward"], supersedes=row["supersedes_id"], comment=row["comment"],
         user_id=row["user_id"], rated_at=row["created_at"], messages=completion["messages"],
@@ -175,3 +218,82 @@ def _event(row: Mapping, completion: Mapping) -> FeedbackEvent:
         sampling_params=completion["sampling_params"], dtype=completion["dtype"],
         completion_created_at=completion["created_at"],
     )
+    return {"event_id": event.event_id, "topic": config.topic, "key": completion["id"],
+            "payload": event.model_dump(mode="json"), "created_at": row["created_at"], "attempts": 0,
+            "sent_at": None, "last_error": None}
+
+
+class FeedbackWriter:
+    """Group commit for the API: requests from any thread or event loop queue up, and one thread writes whatever
+    is waiting (up to ``max_batch``) in one transaction. A commit then carries many ratings, and the process's
+    requests never contend with each other for the database (for SQLite's single write lock in particular)."""
+
+    def __init__(self, session_factory: sessionmaker[Session], config: FeedbackConfig = FeedbackConfig(),
+                 max_batch: int = 256):
+        self._sessions, self._config, self._max_batch = session_factory, config, max_batch
+        self._queue: queue.SimpleQueue[tuple[FeedbackRequest, Future] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> FeedbackWriter:
+        self._thread = threading.Thread(target=self._run, name="feedback-writer", daemon=True)
+        self._thread.start()
+        return self
+
+    def submit(self, request: FeedbackRequest) -> Future[RecordedFeedback]:
+        """The future's result is the recorded rating, or its exception the request's FeedbackError."""
+        future: Future[RecordedFeedback] = Future()
+        self._queue.put((request, future))
+        return future
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Write what was submitted before, then end the thread."""
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            waiting = [self._queue.get()]
+            while len(waiting) < self._max_batch and not self._queue.empty():
+                waiting.append(self._queue.get())
+            batch = [item for item in waiting if item is not None]
+            if batch:
+                self._write(batch)
+            if len(batch) < len(waiting):
+                return
+
+    def _write(self, batch: list[tuple[FeedbackRequest, Future]]) -> None:
+        try:
+            results = record_batch(self._sessions, [request for request, _ in batch], config=self._config)
+        except Exception as exc:  # the database is unreachable, say: every waiting request learns it
+            log.exception("writing %d ratings failed", len(batch))
+            results = [exc] * len(batch)
+        for (_, future), result in zip(batch, results, strict=True):
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+
+@dataclass(frozen=True)
+class FeedbackLog:
+    """The feedback log's part of an API process: the group-commit writer, and the outbox relay unless it runs
+    apart (``LIVELOOP_RELAY_IN_API=false`` with ``liveloop relay``)."""
+
+    writer: FeedbackWriter
+    relay: Relay | None
+
+    @classmethod
+    def start(cls, session_factory: sessionmaker[Session], settings: Settings) -> FeedbackLog:
+        relay = None
+        if settings.relay_in_api and settings.kafka_bootstrap:
+            relay = Relay(session_factory, settings).start()
+        elif settings.relay_in_api:
+            log.warning("LIVELOOP_KAFKA_BOOTSTRAP is empty: ratings wait in the outbox until a relay runs")
+        return cls(FeedbackWriter(session_factory, FeedbackConfig.from_settings(settings)).start(), relay)
+
+    def stop(self) -> None:
+        self.writer.stop()
+        if self.relay is not None:
+            self.relay.stop()

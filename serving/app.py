@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from prometheus_client import make_asgi_app
 
+from feedback.service import FeedbackLog
 from liveloop.db import make_sessionmaker, open_database
 from liveloop.model import load_base_model
 from liveloop.registry import open_registry
@@ -52,6 +53,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.registry = open_registry(sessions, settings)
     state.chat = ChatService(engine=engine, tokenizer=base.tokenizer, context_length=base.context_length,
                              adapters=adapters, store=CompletionStore(sessions), settings=settings)
+    state.feedback = FeedbackLog.start(sessions, settings)  # group-commit writer and outbox relay
     engine.start()
     state.adapter_watcher = AdapterWatcher(registry=state.registry, engine=engine, adapters=adapters,
                                            settings=settings)
@@ -63,4 +65,5 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         state.adapter_watcher.stop()
         engine.shutdown()
+        state.feedback.stop()
         db_engine.dispose()

@@ -1,17 +1,20 @@
 from __future__ import annotations
 
-from fastapi import APIRouter
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
 
 from feedback.service import (
-    FeedbackConfig,
     FeedbackError,
     FeedbackIdConflict,
+    FeedbackRequest,
+    FeedbackWriter,
     InvalidFeedback,
     NotCompletionOwner,
     UnknownCompletion,
-    record_feedback,
 )
-from serving.deps import SessionsDep, SettingsDep, UserDep
+from serving.deps import UserDep
 from serving.errors import APIError, Forbidden, NotFound
 from serving.protocol import ErrorResponse
 from serving.schemas_feedback import FeedbackCreate, FeedbackPublic
@@ -32,14 +35,21 @@ _STATUS = {UnknownCompletion: NotFound, NotCompletionOwner: Forbidden, FeedbackI
 _ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 413, 422)}
 
 
+async def get_feedback_writer(request: Request) -> FeedbackWriter:  # async: a sync one costs a thread hop
+    return request.app.state.feedback.writer
+
+
+FeedbackWriterDep = Annotated[FeedbackWriter, Depends(get_feedback_writer)]
+
+
 @router.post("/feedback", status_code=202, response_model=FeedbackPublic, responses=_ERRORS)
-def create_feedback(body: FeedbackCreate, sessions: SessionsDep, settings: SettingsDep, user: UserDep):
-    """Rate a completion. Accepted once the rating and its event are stored; Kafka gets the event from the outbox
-    relay, so this answers 202 even while Kafka is down. A sync handler: FastAPI runs it in its thread pool."""
+async def create_feedback(body: FeedbackCreate, writer: FeedbackWriterDep, user: UserDep):
+    """Rate a completion. Accepted once the rating and its event are committed; Kafka gets the event from the
+    outbox relay, so this answers 202 even while Kafka is down."""
+    request = FeedbackRequest(completion_id=body.completion_id, rating=body.rating, feedback_id=body.feedback_id,
+                              comment=body.comment, user_id=user)
     try:
-        recorded = record_feedback(sessions, completion_id=body.completion_id, rating=body.rating,
-                                   feedback_id=body.feedback_id, comment=body.comment, user_id=user,
-                                   config=FeedbackConfig.from_settings(settings))
+        recorded = await asyncio.wrap_future(writer.submit(request))
     except FeedbackError as exc:
         raise _STATUS.get(type(exc), Conflict)(str(exc)) from exc
     return FeedbackPublic.of(recorded)

@@ -7,9 +7,12 @@ from feedback.events import parse_event
 from feedback.service import (
     FeedbackConfig,
     FeedbackIdConflict,
+    FeedbackRequest,
+    FeedbackWriter,
     InvalidFeedback,
     NotCompletionOwner,
     UnknownCompletion,
+    record_batch,
     record_feedback,
 )
 from liveloop.tables import Feedback, OutboxMessage
@@ -114,3 +117,45 @@ def test_concurrent_changes_of_mind_form_one_chain(sessions, add_completion):
     assert all(by_revision[n].supersedes == by_revision[n - 1].id for n in range(2, len(ratings) + 1))
     with sessions() as session:
         assert session.scalar(select(func.count()).select_from(OutboxMessage)) == len(ratings)
+
+
+def test_one_batch_answers_every_request_on_its_own(sessions, add_completion):
+    first, other = add_completion(), add_completion(user_id="bob")
+    requests = [
+        FeedbackRequest(first, "up", feedback_id="a"),
+        FeedbackRequest("missing", "up"),
+        FeedbackRequest(first, "down"),  # a change of mind inside the batch chains after "a"
+        FeedbackRequest(first, "up", feedback_id="a"),  # a retry inside the batch
+        FeedbackRequest(first, "sideways"),
+        FeedbackRequest(first, "down", feedback_id="a"),  # "a" reused for another rating
+        FeedbackRequest(other, "up", user_id="alice"),
+    ]
+    results = record_batch(sessions, requests)
+    a, missing, changed, retry, sideways, reused, not_owner = results
+    assert (a.revision, changed.revision, changed.supersedes) == (1, 2, a.id)
+    assert (retry.id, retry.created) == (a.id, False)
+    assert [type(r) for r in (missing, sideways, reused, not_owner)] == [
+        UnknownCompletion, InvalidFeedback, FeedbackIdConflict, NotCompletionOwner]
+    feedback, outbox = stored(sessions)
+    assert [row.id for row in feedback] == [a.id, changed.id]
+    assert [m.payload["feedback_id"] for m in outbox] == [a.id, changed.id]
+
+
+def test_writer_answers_each_submission_from_group_commits(sessions, add_completion):
+    completions = [add_completion() for _ in range(40)]
+    writer = FeedbackWriter(sessions, max_batch=16).start()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            futures = list(pool.map(lambda c: writer.submit(FeedbackRequest(c, "up")), completions * 3))
+            unknown = writer.submit(FeedbackRequest("missing", "up"))
+        results = [future.result(timeout=60) for future in futures]
+        with pytest.raises(UnknownCompletion):
+            unknown.result(timeout=60)
+    finally:
+        writer.stop()
+    assert [r.completion_id for r in results] == completions * 3
+    by_completion = {}
+    for result in results:
+        by_completion.setdefault(result.completion_id, []).append(result.revision)
+    assert all(sorted(revisions) == [1, 2, 3] for revisions in by_completion.values())
+    assert [len(rows) for rows in stored(sessions)] == [120, 120]
