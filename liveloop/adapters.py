@@ -14,6 +14,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -55,9 +57,7 @@ def save_adapter(model: PeftModel, adapter_name: str, dest: Path, *, base_model_
     """
     if dest.exists():
         raise AdapterArtifactError(f"{dest} exists; adapter versions are never overwritten")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
+    with atomic_directory(dest) as tmp:
         model.save_pretrained(tmp, selected_adapters=[adapter_name])
         # peft writes a non-default adapter into a sub-directory named after it
         written = tmp / adapter_name if (tmp / adapter_name / WEIGHTS).is_file() else tmp
@@ -71,12 +71,6 @@ def save_adapter(model: PeftModel, adapter_name: str, dest: Path, *, base_model_
             save_file({k: v.contiguous() for k, v in extra_tensors.items()}, tmp / EXTRA_TENSORS)
             manifest["extra_sha256"] = sha256_file(tmp / EXTRA_TENSORS)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-        fsync_dir(tmp)
-        tmp.rename(dest)
-        fsync_dir(dest.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return sha
 
 
@@ -105,7 +99,23 @@ def verify_adapter(path: Path, *, base_model_id: str | None = None, sha256: str 
     return manifest
 
 
-def fsync_dir(path: Path) -> None:
+@contextmanager
+def atomic_directory(dest: Path) -> Iterator[Path]:
+    """A temporary directory beside ``dest`` that becomes ``dest`` when the block succeeds (files flushed, then
+    one rename) and disappears when it fails: readers see a complete directory or none."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        tmp.rename(dest)
+        _fsync_dir(dest.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
     """Flush a directory's files and the directory entry itself, so a rename after it is durable."""
     for item in path.iterdir():
         if item.is_file():

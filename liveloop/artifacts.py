@@ -8,13 +8,12 @@ object store needs the same three methods, with ``path`` downloading into a loca
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-from liveloop.adapters import AdapterArtifactError, fsync_dir, verify_adapter
+from liveloop.adapters import AdapterArtifactError, atomic_directory, verify_adapter
 from liveloop.settings import Settings
 
 
@@ -42,16 +41,8 @@ class LocalArtifactStore:
             except AdapterArtifactError as exc:
                 raise AdapterArtifactError(f"{name} is already stored with other weights: {exc}") from exc
             return dest.as_uri()
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.root))
-        try:
+        with atomic_directory(dest) as tmp:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
-            fsync_dir(tmp)
-            tmp.rename(dest)
-            fsync_dir(self.root)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return dest.as_uri()
 
     def path(self, uri: str) -> Path:

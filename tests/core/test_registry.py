@@ -240,3 +240,11 @@ def test_ancestry_and_diff_show_lineage_metrics_gates_and_thumbs(registry, make_
     assert (rows["thumbs-up rate"].a, rows["thumbs-up rate"].b) == (0.75, None)
     with pytest.raises(UnknownVersion):
         registry.ancestry("nope")
+
+
+def test_a_corrupt_source_is_refused_before_anything_is_stored(registry, make_adapter_dir):
+    src = make_adapter_dir("v1")
+    (src / WEIGHTS).write_bytes((src / WEIGHTS).read_bytes()[:-100])
+    with pytest.raises(AdapterArtifactError, match="sha256"):
+        registry.register("v1", src)
+    assert registry.versions() == [] and not (registry.store.root / "v1").exists()
