@@ -21,13 +21,12 @@ KEYS = "alice:key-alice,bob:key-bob"
 
 @pytest.fixture
 def api(kafka_settings, tiny_model_dir, database_url):
-    """``with api(**overrides) as (client, settings)``: the app over HTTP on the shared broker. The relay runs
-    beside it, as ``liveloop relay`` does, so a test can stop and start it."""
+    """``with api(**overrides) as (client, settings)``: the app over HTTP on the shared broker, with its
+    group-commit writer and its outbox relay thread, as ``liveloop serve`` runs it."""
 
     @contextmanager
     def start(**overrides) -> Iterator[tuple[httpx.Client, object]]:
-        settings = kafka_settings(base_model=tiny_model_dir, database_url=database_url, relay_in_api=False,
-                                  **overrides)
+        settings = kafka_settings(base_model=tiny_model_dir, database_url=database_url, **overrides)
         with running_server(settings) as url, httpx.Client(base_url=url, timeout=30) as client:
             yield client, settings
 
@@ -63,8 +62,7 @@ def test_feedback_flows_from_the_api_through_kafka_to_the_consumer(api, sessions
         other = rate(client, completion_id=second, rating="up")
     assert {"id", "created", "completion_id", "rating", "supersedes"} <= set(up.json())
     assert changed.status_code == 202 and changed.json()["supersedes"] == up.json()["id"]
-    assert Relay(sessions, settings).relay_once() == (3, 0)
-    with FeedbackConsumer(settings) as consumer:
+    with FeedbackConsumer(settings) as consumer:  # the API's relay publishes them
         batch = consumer.next_batch(max_messages=3, max_wait_s=30)
     assert sorted(e.feedback_id for e in batch.events) == sorted([changed.json()["id"], other.json()["id"]])
     assert [e.feedback_id for e in batch.superseded] == [up.json()["id"]]
@@ -81,21 +79,19 @@ def test_feedback_flows_from_the_api_through_kafka_to_the_consumer(api, sessions
 def test_every_rating_arrives_when_the_broker_restarts_while_feedback_flows(api, sessions, broker):
     with api(kafka_request_timeout_ms=1_000, kafka_delivery_timeout_ms=1_500) as (client, settings):
         started = utcnow()
-        relay = Relay(sessions, settings).start()
+        outbox = Relay(sessions, settings)  # not started: only to read the outbox depth; the API's relay runs
+        ids = [rate(client, completion_id=complete(client), rating="up").json()["id"] for _ in range(3)]
+        wait_until(lambda: outbox.depth() == 0)
+        broker.stop()
         try:
-            ids = [rate(client, completion_id=complete(client), rating="up").json()["id"] for _ in range(3)]
-            wait_until(lambda: relay.depth() == 0)
-            broker.stop()
-            try:
-                for _ in range(3):
-                    response = rate(client, completion_id=complete(client), rating="down")
-                    assert response.status_code == 202  # Kafka down does not reach the API
-                    ids.append(response.json()["id"])
-            finally:
-                broker.start()
-            wait_until(lambda: relay.depth() == 0)
+            for _ in range(3):
+                response = rate(client, completion_id=complete(client), rating="down")
+                assert response.status_code == 202  # Kafka down does not reach the API
+                ids.append(response.json()["id"])
+            assert outbox.depth() == 3
         finally:
-            relay.stop()
+            broker.start()
+        wait_until(lambda: outbox.depth() == 0)
     assert replay(sessions, settings, since=started) == 6  # the broker's log died with it
     handed_over = [e.feedback_id for batch in consume_all(settings, 9) for e in batch.events]
     assert sorted(handed_over) == sorted(ids)
