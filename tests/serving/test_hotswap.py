@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from feedback.broker import EmbeddedBroker, free_port
+from feedback.broker import free_port
 from feedback.kafka import ensure_topics
 from feedback.relay import Relay
 from liveloop.adapters import WEIGHTS
@@ -143,24 +143,23 @@ def test_versions_out_of_the_routing_are_unloaded_after_the_grace_period(registr
     assert [card.id for card in node.adapters.model_cards()][2:] == ["v2", "v3"]
 
 
-def test_an_adapter_event_wakes_the_watcher_before_its_poll(registry_db, make_adapter_dir, replica, tmp_path):
+def test_an_adapter_event_wakes_the_watcher_before_its_poll(registry_db, make_adapter_dir, replica, broker):
     """With polling an hour apart, only the adapter-events message (outbox → relay → Kafka) can deliver it."""
     registry = registry_db.registry
-    with EmbeddedBroker(log_path=tmp_path / "tansu.log") as broker:
-        node = replica(kafka_bootstrap=broker.bootstrap, adapter_poll_s=3600, relay_poll_interval_s=0.05,
-                       adapter_events_topic=registry.events_topic)
-        ensure_topics(node.watcher.settings)
-        relay = Relay(registry_db.sessions, node.watcher.settings).start()
-        node.watcher.sync()
-        node.watcher.start()
-        try:
-            assert node.watcher.events.listening.wait(WAIT_S)  # at the topic's end before the event is written
-            approve(registry, make_adapter_dir, "v1", 0)
-            registry.promote("v1", actor="alice", reason="x")
-            eventually(lambda: node.adapters.live == "v1", "the event made the replica load and switch")
-        finally:
-            node.watcher.stop()
-            relay.stop()
+    node = replica(kafka_bootstrap=broker.bootstrap, adapter_poll_s=3600, relay_poll_interval_s=0.05,
+                   adapter_events_topic=registry.events_topic)
+    ensure_topics(node.watcher.settings)
+    relay = Relay(registry_db.sessions, node.watcher.settings).start()
+    node.watcher.sync()
+    node.watcher.start()
+    try:
+        assert node.watcher.events.listening.wait(WAIT_S)  # at the topic's end before the event is written
+        approve(registry, make_adapter_dir, "v1", 0)
+        registry.promote("v1", actor="alice", reason="x")
+        eventually(lambda: node.adapters.live == "v1", "the event made the replica load and switch")
+    finally:
+        node.watcher.stop()
+        relay.stop()
 
 
 # --- over HTTP --------------------------------------------------------------------------------------------
