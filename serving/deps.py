@@ -12,15 +12,15 @@ from serving.chat import ChatService
 from serving.errors import Unauthorized
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_chat(request: Request) -> ChatService:
+async def get_chat(request: Request) -> ChatService:
     return request.app.state.chat
 
 
-def get_sessions(request: Request) -> sessionmaker[Session]:
+async def get_sessions(request: Request) -> sessionmaker[Session]:
     return request.app.state.sessions
 
 
@@ -29,7 +29,7 @@ def bearer_token(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def get_user(request: Request) -> str | None:
+async def get_user(request: Request) -> str | None:
     """The identity of the caller's API key; None when no keys are configured (the open embedded default)."""
     users_by_key: dict[str, str] = request.app.state.users_by_key
     if not users_by_key:

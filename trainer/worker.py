@@ -239,6 +239,13 @@ class Trainer:
             self._gate(version.name)
 
 
+def recently_consumed_event_ids(registry: Registry, versions: int = 100) -> list[str]:
+    """Event ids the newest policy versions trained on: the relay delivers at least once, so a repeat of one can
+    arrive after the offsets that covered it were committed; seeding the consumer's dedup drops it."""
+    return [event_id for version in registry.versions(kind=Kind.POLICY)[:versions]
+            for event_id in version.consumed_event_ids]
+
+
 def _offsets(batches: list[Batch]) -> dict[str, int]:
     offsets: dict[str, int] = {}
     for batch in batches:

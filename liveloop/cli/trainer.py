@@ -25,7 +25,7 @@ def train() -> None:
     from liveloop.model import load_base_model
     from liveloop.promotion import Promoter
     from liveloop.registry import Registry
-    from trainer.worker import Trainer
+    from trainer.worker import Trainer, recently_consumed_event_ids
 
     settings = _settings()
     if not settings.kafka_bootstrap:
@@ -46,7 +46,7 @@ def train() -> None:
         signal.signal(signum, lambda *_: stop.set())
     # canary decisions and rollback checks run beside training, in this process (one per policy)
     threading.Thread(target=Promoter(registry, settings).run, args=(stop,), name="promotion", daemon=True).start()
-    with FeedbackConsumer(settings) as consumer:
+    with FeedbackConsumer(settings, seen_event_ids=recently_consumed_event_ids(registry)) as consumer:
         trainer = Trainer(settings, base, registry=registry, sessions=sessions, consumer=consumer)
         log.info("training %s on %s ratings from %s", trainer.version_name or "a fresh adapter",
                  settings.reward_source, settings.feedback_topic)
