@@ -142,7 +142,7 @@ class Routing:
 class Registry:
     def __init__(self, sessions: sessionmaker[Session], store: ArtifactStore, *, events_topic: str | None = None):
         """``events_topic``: when set, every transition also writes an outbox message for that Kafka topic in
-        its own transaction, which the feedback relay publishes (serving replicas listen to it)."""
+        the same transaction, which the feedback relay publishes (serving replicas listen to it)."""
         self._sessions = sessions
         self.store = store
         self.events_topic = events_topic
@@ -153,9 +153,11 @@ class Registry:
         with self._sessions() as session:
             return _get(session, name)
 
-    def versions(self, *, kind: Kind | None = None, states: Iterable[State] | None = None) -> list[AdapterVersion]:
-        """Versions, newest first."""
+    def versions(self, *, kind: Kind | None = None, states: Iterable[State] | None = None,
+                 limit: int | None = None) -> list[AdapterVersion]:
+        """Versions, newest first (the ``limit`` newest when given)."""
         query = select(AdapterVersion).order_by(AdapterVersion.created_at.desc(), AdapterVersion.name.desc())
+        query = query.limit(limit)
         if kind is not None:
             query = query.where(AdapterVersion.kind == kind)
         if states is not None:

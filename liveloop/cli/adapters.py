@@ -48,10 +48,11 @@ def _registry() -> Iterator[Registry]:
 
 @app.command("list")
 def list_versions(kind: Kind = typer.Option(Kind.POLICY, help="policy or reward"),
-                  state: State = typer.Option(None, help="Only versions in this state.")) -> None:
+                  state: State = typer.Option(None, help="Only versions in this state."),
+                  limit: int = typer.Option(50, min=1, help="Show the newest this many.")) -> None:
     """Versions, newest first, with gate verdicts and live thumbs-up rates."""
     with _registry() as registry:
-        versions = registry.versions(kind=kind, states=None if state is None else [state])
+        versions = registry.versions(kind=kind, states=None if state is None else [state], limit=limit)
         thumbs = registry.thumbs([v.name for v in versions])
         routing = registry.routing(kind)
     table = Table("version", "state", "created (UTC)", "parent", "reward", "events", "gates", "thumbs-up",

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 
 from liveloop.registry import Kind, Registry, RegistryError, State, Thumbs, UnknownVersion
 from serving.deps import bearer_token
@@ -64,9 +64,10 @@ def _registry_errors() -> Iterator[None]:
 
 
 @router.get("/adapters", response_model=AdapterList)
-def list_adapters(registry: RegistryDep, kind: Kind = Kind.POLICY, state: State | None = None) -> AdapterList:
-    """Versions of one kind, newest first, with their live thumbs; which one is live and which in canary."""
-    versions = registry.versions(kind=kind, states=None if state is None else [state])
+def list_adapters(registry: RegistryDep, kind: Kind = Kind.POLICY, state: State | None = None,
+                  limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> AdapterList:
+    """The newest versions of one kind with their live thumbs; which one is live and which in canary."""
+    versions = registry.versions(kind=kind, states=None if state is None else [state], limit=limit)
     return AdapterList.of(registry.routing(kind), versions, registry.thumbs([v.name for v in versions]))
 
 

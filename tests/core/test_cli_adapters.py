@@ -42,6 +42,7 @@ def test_list_shows_states_gates_and_live_thumbs(cli, versions):
     v1 = next(line for line in out.splitlines() if line.startswith("│ v1 "))
     assert "promoted" in v1 and "pass" in v1 and "75.0% of 4" in v1
     assert "approved" in next(line for line in out.splitlines() if line.startswith("│ v2 "))
+    assert not any(line.startswith("│ v1 ") for line in cli("list", "--limit", "1")[1].splitlines())
 
 
 def test_show_prints_gate_report_metrics_lineage_and_audit(cli, versions):

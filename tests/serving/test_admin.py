@@ -70,6 +70,7 @@ def test_list_show_promote_reject_rollback_and_diff(admin, make_adapter_dir):
     listing = client.get("/admin/adapters").json()
     assert (listing["live"], [v["name"] for v in listing["data"]]) == ("v2", ["v3", "v2", "v1"])
     assert [v["state"] for v in listing["data"]] == ["candidate", "promoted", "retired"]
+    assert [v["name"] for v in client.get("/admin/adapters", params={"limit": 1}).json()["data"]] == ["v3"]
 
     shown = client.get("/admin/adapters/v2").json()
     assert shown["gate_report"][0]["name"] == "kl" and shown["predecessor"] == "v1"
