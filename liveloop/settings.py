@@ -110,7 +110,9 @@ class Settings(BaseSettings):
     train_batch_max: int = Field(64, ge=1, description="Most ratings one PPO update trains on.")
     train_poll_s: float = Field(5.0, gt=0, description="Longest wait for more ratings in one poll of the topic.")
     trainer_metrics_port: int = Field(9100, ge=0, le=65535, description="Prometheus port of `liveloop train`; 0: none.")
-    ppo: dict = Field(default_factory=dict, description="PPOConfig overrides as JSON, e.g. '{\"learning_rate\": 1e-5}'.")
+    ppo: dict = Field(
+        default_factory=dict, description="PPOConfig overrides as JSON, e.g. '{\"learning_rate\": 1e-5}'."
+    )
     reward_model: dict = Field(default_factory=dict, description="RewardModelConfig overrides as JSON.")
     rollout: dict = Field(default_factory=dict, description="RolloutConfig overrides as JSON (reward_model mode).")
 
