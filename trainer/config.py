@@ -82,7 +82,9 @@ class PPOConfig:
     lora_layers_fraction: float = 0.5
     """LoRA goes on the top ⌈f·L⌉ decoder layers only. The frozen lower layers then run once per batch, under
     no-grad, and their output is reused by the reference pass, the proximal pass and every epoch; the backward
-    stops at the first adapted layer. Measured in bench/ppo.py; the upper half keeps most of the capacity."""
+    stops at the first adapted layer. bench/ppo.py on SmolLM2 against a naive update (shared 2-core machine):
+    half 1.8–2.0× the speed at 0.49× the peak RSS, a quarter 2.5–3.4× at 0.38×, all layers 1.5–1.7× at 0.76×.
+    Half is the default: the adapter's capacity cannot be measured here, and half already meets the aims."""
     logits_chunk: int = 256
     """Response positions whose (chunk, vocab) logits exist at once; bounds the lm_head's transient memory."""
     bf16_autocast: bool = False
