@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -31,12 +35,17 @@ from pathlib import Path
 if sys.path[0] == str(Path(__file__).resolve().parent):
     sys.path.pop(0)
 
+import httpx
 import torch
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
+from feedback.broker import free_port
 from liveloop.adapters import default_lora_config, save_adapter
+from liveloop.artifacts import LocalArtifactStore
+from liveloop.db import make_engine, make_sessionmaker, migrate
 from liveloop.model import BaseModel, load_base_model
+from liveloop.registry import Registry
 from liveloop.sampling import SamplingParams
 from liveloop.settings import Settings
 from serving.batch import DecodeBatch
@@ -114,6 +123,71 @@ def engine_client(engine: Engine, params: SamplingParams, adapter: str | None) -
     return generate
 
 
+def http_client(http: httpx.AsyncClient, params: SamplingParams, messages: dict[int, list[dict]]) -> Client:
+    """A streaming chat-completions client against a running ``liveloop serve`` (the live alias)."""
+
+    async def generate(prompt_ids: list[int], seed: int) -> Sample:
+        body = {"model": "liveloop", "messages": messages[id(prompt_ids)], "max_tokens": params.max_tokens,
+                "temperature": params.temperature, "top_p": params.top_p, "seed": seed, "stream": True,
+                "stream_options": {"include_usage": True}}
+        started, first, tokens = time.perf_counter(), None, 0
+        async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line.removeprefix("data: "))
+                if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                    first = first or time.perf_counter() - started
+                tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
+        return Sample(tokens, time.perf_counter() - started, first or float("nan"))
+
+    return generate
+
+
+@contextmanager
+def running_server(adapter_dir: Path | None, dtype: str, threads: int) -> Iterator[str]:
+    """``liveloop serve`` in a subprocess on a fresh SQLite database; with ``adapter_dir``, registered and
+    promoted first, so the live alias serves through that adapter as production would."""
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(data_dir=Path(tmp), model_cache_dir=Settings().resolved_model_cache_dir, dtype=dtype,
+                            torch_threads=threads, max_batch_size=32, max_queue=256)
+        if adapter_dir is not None:
+            migrate(settings.resolved_database_url)
+            sessions = make_sessionmaker(make_engine(settings.resolved_database_url))
+            registry = Registry(sessions, LocalArtifactStore(settings.resolved_artifact_dir))
+            registry.register("bench-live", adapter_dir)
+            registry.judge("bench-live", report={}, failed=[])
+            registry.promote("bench-live", actor="bench", reason="serving benchmark")
+        port = free_port()
+        env = {**os.environ, **{f"LIVELOOP_{k.upper()}": str(v) for k, v in {
+            "data_dir": tmp, "model_cache_dir": settings.resolved_model_cache_dir, "dtype": dtype,
+            "torch_threads": threads, "max_batch_size": 32, "max_queue": 256, "port": port}.items()}}
+        server = subprocess.Popen([sys.executable, "-m", "liveloop", "serve"], env=env)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            _wait_ready(url, server, expect_live="bench-live" if adapter_dir else None)
+            yield url
+        finally:
+            server.terminate()
+            server.wait(60)
+
+
+def _wait_ready(url: str, server: subprocess.Popen, expect_live: str | None, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"liveloop serve exited with {server.returncode}")
+        try:
+            ready = httpx.get(f"{url}/readyz", timeout=2)
+            if ready.status_code == 200 and ready.json()["live_version"] == expect_live:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} was not ready with live version {expect_live} in {timeout_s} s")
+
+
 def sequential_generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingParams, requests: int,
                         pad_token_id: int, **generate_kwargs) -> Run:
     """The baseline: ``model.generate`` one request at a time (no batching, its own KV cache)."""
@@ -183,6 +257,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--adapter", action="store_true", help="every request uses a (random) r16 LoRA adapter")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
+    parser.add_argument("--http", action="store_true",
+                        help="also measure `liveloop serve` over HTTP (streaming, the live alias) at each concurrency")
     return parser.parse_args()
 
 
@@ -212,7 +288,25 @@ def main() -> None:
     client = engine_client(engine, params, adapter)
     runs = [asyncio.run(drive(f"engine, {c} concurrent", client, prompts, c, args.rounds)) for c in args.concurrency]
     engine.shutdown()
+    if args.http:
+        runs += http_runs(args, base, prompts, params)
     report(runs, baseline, bounds)
+
+
+def http_runs(args: argparse.Namespace, base: BaseModel, prompts: list[list[int]], params: SamplingParams) -> list[Run]:
+    messages = {id(p): [{"role": "user", "content": q}] for p, q in zip(prompts, QUESTIONS, strict=True)}
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter_dir = random_adapter(base, Path(tmp) / "bench-live") if args.adapter else None
+        with running_server(adapter_dir, args.dtype, args.threads) as url:
+
+            async def measure(concurrency: int) -> Run:
+                async with httpx.AsyncClient(base_url=url, timeout=600,
+                                             limits=httpx.Limits(max_connections=64)) as http:
+                    client = http_client(http, params, messages)
+                    await drive("http warm-up", client, prompts, 1, 1)
+                    return await drive(f"HTTP, {concurrency} concurrent", client, prompts, concurrency, args.rounds)
+
+            return [asyncio.run(measure(c)) for c in args.concurrency]
 
 
 if __name__ == "__main__":
