@@ -25,6 +25,7 @@ from trainer.reward_model import adapter_active, is_heldout
 from trainer.rollout import generate
 
 NO_DATA = HeldOut(prompts=[], rated=[])
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture
