@@ -8,9 +8,12 @@ measured is the event path: outbox → relay → ``adapter-events`` → watcher 
 
 Per swap: the registry commits the promotion (t0); the replica reports the new live version on /readyz
 (t_switch, polled every 20 ms); the first streamed chunk of any response names it (t_served, stamped by the load
-generator). Reported: p50/p95 of t_switch − t0 and t_served − t0, and requests failed. The baseline, measured in
-the same run while the load runs, is a bare adapter load in this process (manifest and sha256 check + peft
-``load_adapter`` into a model of its own): what any swap must at least pay.
+generator). Two kinds of swap, ``--swaps`` of each: *cold*, a version approved long before and not loaded (the
+replica loads it after the event), and *warm*, a version approved just before, which the replica has loaded
+ahead as its standby (the newest approved version), as it has the canary and the previous live version: the
+promotion is then a pointer switch. Reported: p50/p95 of t_switch − t0 and t_served − t0, and requests failed.
+The baseline, measured in the same run while the load runs, is a bare adapter load in this process (manifest
+and sha256 check + peft ``load_adapter`` into a model of its own): what a cold swap must at least pay.
 
     python bench/swap.py [--swaps 20] [--clients 32] [--max-tokens 16] [--threads 0]
 """
@@ -154,8 +157,17 @@ def readyz(url: str) -> dict:
         return {}
 
 
-def swap(registry: Registry, url: str, name: str, load: LoadGenerator) -> tuple[float, float]:
-    """Promote ``name``; return (seconds until the replica served it as live, seconds until a client saw it)."""
+def approve(registry: Registry, name: str) -> None:
+    registry.judge(name, report={"passed": True, "gates": []}, failed=[])
+
+
+def swap(registry: Registry, url: str, name: str, load: LoadGenerator, *, warm: bool) -> tuple[float, float]:
+    """Promote ``name`` (approved now and loaded ahead when ``warm``); return (seconds until the replica served it
+    as live, seconds until a client saw it)."""
+    if warm:
+        approve(registry, name)
+        while name not in readyz(url).get("loaded_versions", ()):
+            time.sleep(0.02)
     registry.promote(name, actor="bench", reason="swap benchmark")
     t0 = time.time()
     while readyz(url).get("live_version") != name:
@@ -166,18 +178,22 @@ def swap(registry: Registry, url: str, name: str, load: LoadGenerator) -> tuple[
     return switched, load.first_seen[name] - t0
 
 
-def report(switch: list[float], served: list[float], base: list[float], load: LoadGenerator) -> None:
+def report(results: dict[str, tuple[list[float], list[float]]], base: list[float], load: LoadGenerator) -> None:
     def p(values: list[float], q: int) -> float:
         return statistics.quantiles(values, n=100, method="inclusive")[q - 1] * 1000
 
-    print(f"\n{'per swap (ms)':44} {'p50':>8} {'p95':>8} {'max':>8}")
-    for label, values in [("baseline: bare adapter load (verify + peft)", base),
-                          ("promotion → replica serves it as live", switch),
-                          ("promotion → first response on new version", served)]:
-        print(f"{label:44} {p(values, 50):8.1f} {p(values, 95):8.1f} {max(values) * 1000:8.1f}")
-    print(f"\nswaps {len(switch)}, requests completed {load.completed}, requests failed {len(load.failures)}")
-    print(f"ratios to the bare load p50: switch p50 {p(switch, 50) / p(base, 50):.2f}, "
-          f"first response p95 {p(served, 95) / p(base, 50):.2f}")
+    print(f"\n{'per swap (ms)':52} {'p50':>8} {'p95':>8} {'max':>8}")
+    rows = [("baseline: bare adapter load (verify + peft)", base)]
+    for kind, (switch, served) in results.items():
+        rows += [(f"{kind}: promotion → replica serves it as live", switch),
+                 (f"{kind}: promotion → first response on new version", served)]
+    for label, values in rows:
+        print(f"{label:52} {p(values, 50):8.1f} {p(values, 95):8.1f} {max(values) * 1000:8.1f}")
+    swaps = sum(len(switch) for switch, _ in results.values())
+    print(f"\nswaps {swaps}, requests completed {load.completed}, requests failed {len(load.failures)}")
+    for kind, (switch, served) in results.items():
+        print(f"{kind}: switch p50 / bare load p50 {p(switch, 50) / p(base, 50):.2f}, "
+              f"first response p95 / bare load p50 {p(served, 95) / p(base, 50):.2f}")
     for failure in load.failures[:5]:
         print("  failure:", failure)
 
@@ -186,14 +202,15 @@ def run(args: argparse.Namespace, tmp: Path, broker: EmbeddedBroker) -> None:
     settings = Settings(_env_file=None, data_dir=tmp / "var", model_cache_dir=REPO / "var" / "models",
                         kafka_bootstrap=broker.bootstrap, relay_poll_interval_s=0.05, max_batch_size=args.clients)
     model_id, model_dir = prepare_base_model(settings)
-    names = [f"swap-{i:02d}" for i in range(args.swaps)]
-    paths = write_adapters(model_dir, model_id, names + [f"baseline-{i}" for i in range(args.baseline_loads + 1)],
-                           tmp / "written")
+    names = {kind: [f"{kind}-{i:02d}" for i in range(args.swaps)] for kind in ("cold", "warm")}
+    paths = write_adapters(model_dir, model_id, names["cold"] + names["warm"] +
+                           [f"baseline-{i}" for i in range(args.baseline_loads + 1)], tmp / "written")
     migrate(settings.resolved_database_url)
     registry = open_registry(make_sessionmaker(make_engine(settings.resolved_database_url)), settings)
-    for name in names:
+    for name in names["cold"] + names["warm"]:
         registry.register(name, paths[name])
-        registry.judge(name, report={"passed": True, "gates": []}, failed=[])
+    for name in names["cold"]:  # approved long before their promotion, oldest promoted first
+        approve(registry, name)
     ensure_topics(settings)
     url = f"http://127.0.0.1:{free_port()}"
     replica = start_replica(settings, int(url.rsplit(":", 1)[1]), args.threads, tmp / "replica.log")
@@ -206,22 +223,24 @@ def run(args: argparse.Namespace, tmp: Path, broker: EmbeddedBroker) -> None:
         print(f"{model_id} float32, replica torch threads {args.threads or 'default'}, {args.clients} streaming "
               f"clients × {args.max_tokens} tokens, {args.swaps} swaps")
         base = baseline_loads(model_dir, model_id, [p for n, p in paths.items() if n.startswith("baseline-")])
-        switch, served = [], []
-        for name in names:
-            switched, first = swap(registry, url, name, load)
-            switch.append(switched)
-            served.append(first)
-            time.sleep(args.pause)
+        results = {}
+        for kind, kind_names in names.items():
+            results[kind] = ([], [])
+            for name in kind_names:
+                time.sleep(args.pause)  # let the previous swap's requests drain into the new version
+                for timings, seconds in zip(results[kind], swap(registry, url, name, load, warm=kind == "warm"),
+                                            strict=True):
+                    timings.append(seconds)
     finally:
         load.stop()
         replica.terminate()
         replica.wait(60)
-    report(switch, served, base, load)
+    report(results, base, load)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--swaps", type=int, default=20)
+    parser.add_argument("--swaps", type=int, default=20, help="swaps of each kind (cold, warm)")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--pause", type=float, default=1.0, help="seconds between one swap's end and the next")

@@ -137,6 +137,7 @@ class Routing:
     revision: int  # grows with every transition of the kind
     live: str | None
     canary: str | None
+    standby: str | None = None  # the newest approved version: what is most likely promoted next
 
 
 class Registry:
@@ -167,17 +168,20 @@ class Registry:
 
     def routing(self, kind: Kind = Kind.POLICY) -> Routing:
         # one statement, so the revision and the versions come from the same snapshot
+        standby = (select(AdapterVersion.name)
+                   .where(AdapterVersion.kind == kind, AdapterVersion.state == State.APPROVED)
+                   .order_by(AdapterVersion.created_at.desc()).limit(1).scalar_subquery())
         query = (
-            select(AdapterHead.revision, AdapterVersion.name, AdapterVersion.state)
+            select(AdapterHead.revision, AdapterVersion.name, AdapterVersion.state, standby)
             .outerjoin(AdapterVersion, and_(AdapterVersion.kind == AdapterHead.kind,
                                             AdapterVersion.state.in_([State.PROMOTED, State.CANARY])))
             .where(AdapterHead.kind == kind)
         )
         with self._sessions() as session:
             rows = session.execute(query).all()
-        by_state = {state: name for _, name, state in rows}
+        by_state = {state: name for _, name, state, _ in rows}
         return Routing(revision=rows[0].revision, live=by_state.get(State.PROMOTED),
-                       canary=by_state.get(State.CANARY))
+                       canary=by_state.get(State.CANARY), standby=rows[0][3])
 
     def live(self, kind: Kind = Kind.POLICY) -> AdapterVersion | None:
         name = self.routing(kind).live

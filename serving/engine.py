@@ -351,22 +351,23 @@ class Engine:
 
     # --- adapters ------------------------------------------------------------------------------------------------
 
-    def load_adapter(self, name: str, path: Path) -> Future:
+    def load_adapter(self, name: str, path: Path, sha256: str | None = None) -> Future:
         """Verify and load an adapter directory under a new name, between decode steps. The future resolves to
-        None once requests may use ``name``, or raises (AdapterArtifactError for a corrupt or foreign directory)."""
+        None once requests may use ``name``, or raises (AdapterArtifactError for a corrupt or foreign directory,
+        or weights whose sha256 is not ``sha256``, the registry's record, when given)."""
         with self._lock:
             if self._stopped:
                 raise EngineStopped("the engine is shut down")
             pending = self._loading.get(name)
             if not name or name == BASE_ADAPTER or name in self._adapters or (pending and not pending.done()):
                 raise ValueError(f"adapter name {name!r} is taken: versions are immutable, load under a new name")
-            future = self._enqueue(lambda: self._load(name, Path(path)))
+            future = self._enqueue(lambda: self._load(name, Path(path), sha256))
             self._loading[name] = future
         return future
 
-    def _load(self, name: str, path: Path) -> None:
+    def _load(self, name: str, path: Path, sha256: str | None) -> None:
         try:
-            verify_adapter(path, base_model_id=self.base.model_id)
+            verify_adapter(path, base_model_id=self.base.model_id, sha256=sha256)
             # Adapters stay in the serving dtype (no fp32 upcast): the recorded log-probs are this model's anyway.
             if self._peft is None:
                 self._peft = PeftModel.from_pretrained(self.base.model, path, adapter_name=name,

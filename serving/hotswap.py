@@ -1,12 +1,15 @@
 """Hot-swap: keep this replica's loaded adapters and routing in step with the registry.
 
 ``AdapterWatcher.sync`` reconciles once: it reads the policy routing (live and canary versions) from the
-registry, loads each version not yet loaded (its sha256 checked against the registry's record first, the
-engine checking the manifest and base model again), then switches the ``AdapterSet`` in one assignment. A
-version whose artifact is missing or corrupt is refused: logged, counted, listed by ``/readyz``, and the replica
-keeps serving what it served; the next sync retries it. The version that was live before stays loaded, so a
-rollback to it is a pointer switch; versions out of the routing for ``adapter_unload_grace_s`` are unloaded
-(the engine frees them once no request uses them).
+registry, loads each version not yet loaded (the engine hashes the weights and checks them against the
+registry's sha256 and the manifest's, and the manifest's base model against its own), then switches the
+``AdapterSet`` in one assignment. A version whose artifact is missing or corrupt is refused: logged, counted,
+listed by ``/readyz``, and the replica keeps serving what it served; the next sync retries it.
+
+What is loaded ahead keeps most switches to a pointer assignment: the version that was live before (a rollback
+returns to it), the canary (promoted from canary), and the newest approved version, the "standby" (an engineer
+promotes it). Versions outside these for ``adapter_unload_grace_s`` are unloaded (the engine frees them once no
+request uses them).
 
 Syncs run on a thread: every ``adapter_poll_s`` (so a missed event heals) and at once when the
 ``adapter-events`` topic announces a transition (``AdapterEvents``: a hint only, the registry is the truth).
@@ -42,6 +45,7 @@ class AdapterWatcher:
         self.registry, self.engine, self.adapters, self.settings = registry, engine, adapters, settings
         self.revision: int | None = None  # the registry revision fully applied
         self._unrouted_since: dict[str, float] = {}
+        self._standby: str | None = None  # the newest approved version, loaded ahead of its promotion
         self._wake, self._stop = threading.Event(), threading.Event()
         self._threads: list[threading.Thread] = []
         self.events = AdapterEvents(settings, on_event=self.wake) if settings.kafka_bootstrap else None
@@ -59,8 +63,9 @@ class AdapterWatcher:
             SWAPS.inc()
             log.info("serving %s (canary %s) at registry revision %d", live or "the base model", canary,
                      routing.revision)
+        self._standby = routing.standby if routing.standby is not None and self._load(routing.standby) else None
         self._unload_unrouted()
-        if all(ready.values()):
+        if all(ready.values()):  # a refused standby is not retried until the registry changes
             self.revision = routing.revision
             REVISION.set(routing.revision)
 
@@ -102,8 +107,9 @@ class AdapterWatcher:
             self.adapters.add_version(name)
             return True
         try:
-            path = self.registry.artifact(name, base_model_id=self.adapters.base_model_id)
-            self.engine.load_adapter(name, path).result(timeout=self.settings.adapter_load_timeout_s)
+            version = self.registry.get(name)
+            path = self.registry.store.path(version.uri)
+            self.engine.load_adapter(name, path, version.sha256).result(timeout=self.settings.adapter_load_timeout_s)
         except (AdapterArtifactError, RegistryError, OSError, ValueError, TimeoutError) as exc:
             if name not in self.adapters.refused:
                 log.error("refusing adapter %s, still serving %s: %s", name, self.adapters.live or "the base model",
@@ -115,10 +121,10 @@ class AdapterWatcher:
         return True
 
     def _unload_unrouted(self) -> None:
-        """Unload versions out of the routing (live, canary, previous) for longer than the grace period: a
-        request that resolved to one just before a switch has long been submitted, and so pinned, by then."""
+        """Unload versions out of the routing (live, canary, previous, standby) for longer than the grace period:
+        a request that resolved to one just before a switch has long been submitted, and so pinned, by then."""
         now, adapters = time.monotonic(), self.adapters
-        routed = {adapters.live, adapters.canary, adapters.previous}
+        routed = {adapters.live, adapters.canary, adapters.previous, self._standby}
         for name in self.engine.loaded_adapters():
             if name in routed:
                 self._unrouted_since.pop(name, None)

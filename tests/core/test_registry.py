@@ -104,8 +104,9 @@ def test_routing_revision_grows_and_each_transition_announces_routing(registry_d
     registry = registry_db.registry
     before = registry.routing().revision
     approved(registry, make_adapter_dir, "v1")
+    assert registry.routing().standby == "v1"  # the newest approved version
     registry.promote("v1", actor="alice", reason="x")
-    assert registry.routing().revision == before + 2  # judge, promote
+    assert registry.routing().revision == before + 2 and registry.routing().standby is None  # judge, promote
     with registry_db.sessions() as session:
         events = list(session.scalars(select(OutboxMessage).order_by(OutboxMessage.id)))
     assert [e.topic for e in events] == [registry.events_topic] * 2 and registry.events_topic

@@ -96,6 +96,22 @@ def test_promotion_and_rollback_switch_what_the_alias_serves(registry, make_adap
     assert node.served_by() == "v1" and node.watcher.revision == registry.routing().revision
 
 
+def test_the_newest_approved_version_is_loaded_ahead_so_promoting_it_is_a_switch(registry, make_adapter_dir,
+                                                                                   replica):
+    node = replica()
+    approve(registry, make_adapter_dir, "v1", 0)
+    registry.promote("v1", actor="alice", reason="x")
+    approve(registry, make_adapter_dir, "v2", 1)
+    approve(registry, make_adapter_dir, "v3", 2)
+    node.watcher.sync()
+    assert node.adapters.live == "v1" and set(node.engine.loaded_adapters()) == {"v1", "v3"}  # v3: standby
+    loads, load = [], node.engine.load_adapter
+    node.engine.load_adapter = lambda name, *args: loads.append(name) or load(name, *args)  # a spy
+    registry.promote("v3", actor="alice", reason="x")
+    node.watcher.sync()
+    assert node.served_by() == "v3" and loads == ["v2"]  # v3 was ready; v2 is the standby now
+
+
 @pytest.mark.parametrize("damage", ["corrupt", "missing"])
 def test_a_damaged_artifact_is_refused_and_serving_is_unchanged(registry, make_adapter_dir, replica, damage):
     node = replica()
