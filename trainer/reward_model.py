@@ -21,7 +21,6 @@ while the block runs (the trainer is one thread; serving has its own model).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections import OrderedDict, defaultdict
@@ -38,6 +37,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from liveloop.adapters import EXTRA_TENSORS, default_lora_config, save_adapter, verify_adapter
+from liveloop.promotion import stable_fraction
 from trainer.tokens import left_pad, position_ids
 
 if TYPE_CHECKING:
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REWARD_ADAPTER = "reward"
+HELDOUT_SPLIT = "reward-model"  # examples of this split measure the reward model's held-out accuracy
 _HEAD_PREFIX = "score_head."
 
 
@@ -116,10 +117,10 @@ def preference_pairs(examples: Sequence[RatedResponse]) -> tuple[list[int], list
     return [u for u, _ in pairs], [d for _, d in pairs]
 
 
-def is_heldout(completion_id: str, fraction: float) -> bool:
-    """Stable split: the same completion id is held out in every process and every increment."""
-    digest = hashlib.sha256(completion_id.encode()).digest()
-    return int.from_bytes(digest[:8], "big") < fraction * 2**64
+def is_heldout(completion_id: str, fraction: float, *, split: str) -> bool:
+    """Stable split: the same completion id is held out in every process and every increment. ``split`` names
+    the purpose, so independent splits (the gates' and the reward model's) do not hold out the same ids."""
+    return stable_fraction(f"{split}\0{completion_id}") < fraction
 
 
 @contextmanager
@@ -225,7 +226,7 @@ class RewardModel:
 
     def train_increment(self) -> RewardModelMetrics:
         """A few epochs over the buffer's training split from the current weights; then held-out accuracy."""
-        train = [e for e in self.examples.values() if not is_heldout(e.completion_id, self.config.heldout_fraction)]
+        train = [e for e in self.examples.values() if not self._heldout(e)]
         epoch_stats: list[tuple[float, float, float | None]] = []
         with adapter_active(self.model, REWARD_ADAPTER, trainable=True):
             for _ in range(self.config.epochs_per_increment):
@@ -279,9 +280,12 @@ class RewardModel:
         self.optimizer.step()
         return loss.item(), point.item(), pair.item() if up else None
 
+    def _heldout(self, example: RatedResponse) -> bool:
+        return is_heldout(example.completion_id, self.config.heldout_fraction, split=HELDOUT_SPLIT)
+
     def heldout_accuracy(self) -> float | None:
         """Share of held-out ratings whose thumb the sign of the score predicts; None without held-out data."""
-        heldout = [e for e in self.examples.values() if is_heldout(e.completion_id, self.config.heldout_fraction)]
+        heldout = [e for e in self.examples.values() if self._heldout(e)]
         if not heldout:
             return None
         scores = self.score([e.prompt_ids for e in heldout], [e.response_ids for e in heldout])

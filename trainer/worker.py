@@ -36,6 +36,7 @@ from liveloop.sampling import SamplingParams, sequence_logprobs
 from liveloop.settings import Settings
 from trainer import metrics
 from trainer.config import PPOConfig
+from trainer.gates import HELDOUT_SPLIT as GATES_SPLIT
 from trainer.gates import Gates, judge_candidate
 from trainer.policy import POLICY_ADAPTER, PolicyValueModel
 from trainer.reward_model import RatedResponse, RewardModel, RewardModelConfig, is_heldout
@@ -118,7 +119,8 @@ class Trainer:
     # --- samples ---------------------------------------------------------------------------------------
 
     def _trainable(self, events: list[FeedbackEvent]) -> list[FeedbackEvent]:
-        return [e for e in events if not is_heldout(e.completion_id, self.settings.gate_holdout_fraction)]
+        fraction = self.settings.gate_holdout_fraction
+        return [e for e in events if not is_heldout(e.completion_id, fraction, split=GATES_SPLIT)]
 
     def _samples(self, events: list[FeedbackEvent]) -> list[Sample]:
         if self.reward_model is None:

@@ -16,6 +16,7 @@ from liveloop.model import load_base_model
 from liveloop.registry import Kind, Registry, State
 from liveloop.sampling import SamplingParams
 from liveloop.tables import utcnow
+from trainer.gates import HELDOUT_SPLIT as GATES_SPLIT
 from trainer.reward_model import is_heldout
 from trainer.rollout import generate
 from trainer.worker import Trainer
@@ -75,7 +76,8 @@ def _trainer(settings) -> tuple[Trainer, Registry]:
 def test_trainer_stopped_between_saving_and_committing_trains_the_batch_again_once(trainer_settings):
     settings = trainer_settings()
     events = _served_ratings(settings, 8)
-    trainable = {e.event_id for e in events if not is_heldout(e.completion_id, settings.gate_holdout_fraction)}
+    fraction = settings.gate_holdout_fraction
+    trainable = {e.event_id for e in events if not is_heldout(e.completion_id, fraction, split=GATES_SPLIT)}
 
     first, registry = _trainer(settings)
     orphan = first.train(first.gather())  # written and registered ... and then the process dies: no commit
