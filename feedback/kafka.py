@@ -82,6 +82,8 @@ def make_producer(settings: Settings, client_id: str) -> KafkaProducer:
         # ordering per partition survives retries: idempotence guarantees it up to 5 in flight, otherwise only 1
         max_in_flight_requests_per_connection=5 if idempotent else 1,
         linger_ms=5,
+        # fewer, larger record batches: each batch costs the producer a sender wake-up, a CRC and a request
+        batch_size=256 * 1024,
         delivery_timeout_ms=settings.kafka_delivery_timeout_ms,
         max_block_ms=settings.kafka_request_timeout_ms,  # how long send() waits for metadata when Kafka is down
         allow_auto_create_topics=False,  # a misspelt topic is an error, not a new topic

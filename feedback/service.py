@@ -11,12 +11,12 @@ one commit and a handful of statements then carry many ratings.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -224,14 +224,15 @@ def _outbox_row(row: Mapping, completion: Mapping, config: FeedbackConfig) -> di
 
 
 class FeedbackWriter:
-    """Group commit for the API: requests from any thread or event loop queue up, and one thread writes whatever
-    is waiting (up to ``max_batch``) in one transaction. A commit then carries many ratings, and the process's
-    requests never contend with each other for the database (for SQLite's single write lock in particular)."""
+    """Group commit for the API: requests from any event loop queue up, and one thread writes whatever is waiting
+    (up to ``max_batch``) in one transaction. A commit then carries many ratings, and the process's requests never
+    contend with each other for the database (for SQLite's single write lock in particular). The answers of a
+    batch go back to each event loop in one hand-over, not one thread wake-up per rating."""
 
     def __init__(self, session_factory: sessionmaker[Session], config: FeedbackConfig = FeedbackConfig(),
                  max_batch: int = 256):
         self._sessions, self._config, self._max_batch = session_factory, config, max_batch
-        self._queue: queue.SimpleQueue[tuple[FeedbackRequest, Future] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[FeedbackRequest, asyncio.Future] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
     def start(self) -> FeedbackWriter:
@@ -239,11 +240,11 @@ class FeedbackWriter:
         self._thread.start()
         return self
 
-    def submit(self, request: FeedbackRequest) -> Future[RecordedFeedback]:
-        """The future's result is the recorded rating, or its exception the request's FeedbackError."""
-        future: Future[RecordedFeedback] = Future()
+    async def record(self, request: FeedbackRequest) -> RecordedFeedback:
+        """The recorded rating once it is committed; raises the request's FeedbackError."""
+        future = asyncio.get_running_loop().create_future()
         self._queue.put((request, future))
-        return future
+        return await future
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Write what was submitted before, then end the thread."""
@@ -263,17 +264,30 @@ class FeedbackWriter:
             if len(batch) < len(waiting):
                 return
 
-    def _write(self, batch: list[tuple[FeedbackRequest, Future]]) -> None:
+    def _write(self, batch: list[tuple[FeedbackRequest, asyncio.Future]]) -> None:
         try:
             results = record_batch(self._sessions, [request for request, _ in batch], config=self._config)
         except Exception as exc:  # the database is unreachable, say: every waiting request learns it
             log.exception("writing %d ratings failed", len(batch))
             results = [exc] * len(batch)
+        answers: dict[asyncio.AbstractEventLoop, list] = {}
         for (_, future), result in zip(batch, results, strict=True):
-            if isinstance(result, Exception):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+            answers.setdefault(future.get_loop(), []).append((future, result))
+        for loop, settled in answers.items():
+            try:
+                loop.call_soon_threadsafe(_settle, settled)
+            except RuntimeError:  # that loop has closed: nobody waits for these answers any more
+                log.warning("%d ratings were recorded for an event loop that has closed", len(settled))
+
+
+def _settle(settled: list[tuple[asyncio.Future, RecordedFeedback | Exception]]) -> None:
+    for future, result in settled:
+        if future.cancelled():  # the client went away; its rating is recorded all the same
+            continue
+        if isinstance(result, Exception):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
 
 
 @dataclass(frozen=True)

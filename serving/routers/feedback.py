@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -49,7 +48,7 @@ async def create_feedback(body: FeedbackCreate, writer: FeedbackWriterDep, user:
     request = FeedbackRequest(completion_id=body.completion_id, rating=body.rating, feedback_id=body.feedback_id,
                               comment=body.comment, user_id=user)
     try:
-        recorded = await asyncio.wrap_future(writer.submit(request))
+        recorded = await writer.record(request)
     except FeedbackError as exc:
         raise _STATUS.get(type(exc), Conflict)(str(exc)) from exc
     return FeedbackPublic.of(recorded)

@@ -1,3 +1,4 @@
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -143,16 +144,17 @@ def test_one_batch_answers_every_request_on_its_own(sessions, add_completion):
 
 def test_writer_answers_each_submission_from_group_commits(sessions, add_completion):
     completions = [add_completion() for _ in range(40)]
+
+    async def record_all(writer: FeedbackWriter):
+        requests = [FeedbackRequest(c, "up") for c in completions * 3] + [FeedbackRequest("missing", "up")]
+        return await asyncio.gather(*(writer.record(request) for request in requests), return_exceptions=True)
+
     writer = FeedbackWriter(sessions, max_batch=16).start()
     try:
-        with ThreadPoolExecutor(8) as pool:
-            futures = list(pool.map(lambda c: writer.submit(FeedbackRequest(c, "up")), completions * 3))
-            unknown = writer.submit(FeedbackRequest("missing", "up"))
-        results = [future.result(timeout=60) for future in futures]
-        with pytest.raises(UnknownCompletion):
-            unknown.result(timeout=60)
+        *results, unknown = asyncio.run(asyncio.wait_for(record_all(writer), 60))
     finally:
         writer.stop()
+    assert isinstance(unknown, UnknownCompletion)
     assert [r.completion_id for r in results] == completions * 3
     by_completion = {}
     for result in results:
