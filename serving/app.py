@@ -33,7 +33,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.users_by_key = settings.users_by_key
     install_error_handlers(app)
     app.add_middleware(DeclaredBodyLimit, max_bytes=settings.max_body_bytes)
-    for router in (chat.router, models.router, health.router, feedback_routes.router, admin.router):
+    # routes are matched in order: the busiest endpoints first
+    for router in (feedback_routes.router, chat.router, models.router, health.router, admin.router):
         app.include_router(router, max_body_size=settings.max_body_bytes)
     app.mount("/metrics", make_asgi_app())
     return app
