@@ -218,7 +218,9 @@ class Trainer:
         self.reward_model_name = newest[0].name if newest else None
         if newest:
             path = self.registry.artifact(newest[0].name, base_model_id=self.base.model_id)
-            return RewardModel.load(self.policy.model, path, base_model_id=self.base.model_id, pad_token_id=pad)
+            # the configured hyper-parameters train from here on, as the policy's do (the LoRA shape must match)
+            return RewardModel.load(self.policy.model, path, base_model_id=self.base.model_id, pad_token_id=pad,
+                                    config=config)
         return RewardModel.create(self.policy.model, base_model_id=self.base.model_id, pad_token_id=pad,
                                   config=config)
 

@@ -112,3 +112,11 @@ def test_reward_model_mode_trains_the_reward_model_and_updates_on_fresh_rollouts
     assert candidate is not None and len(reward_versions) == 1
     assert registry.get(candidate.name).reward_source == f"reward_model:{reward_versions[0].name}"
     assert candidate.metrics["samples"] == 8 and candidate.metrics["applied"] == 1.0
+
+    retuned = settings.model_copy(update={"reward_model": {"lr": 3e-4, "epochs_per_increment": 3}})
+    restarted, _ = _trainer(retuned)  # resumes the saved reward model, trained on with the configured settings
+    restarted.consumer.close()
+    assert restarted.reward_model_name == reward_versions[0].name
+    assert restarted.reward_model.increments == 1
+    assert (restarted.reward_model.config.lr, restarted.reward_model.config.epochs_per_increment) == (3e-4, 3)
+    assert restarted.reward_model.optimizer.param_groups[0]["lr"] == 3e-4
