@@ -1,19 +1,20 @@
 """Hot-swap under load: from a promotion to the first response served by the new version, over N swaps.
 
-The embedded stack, each part in its own process as ``liveloop up`` runs it: the embedded Kafka broker, one
-``liveloop serve`` replica on the packaged SmolLM2 with SQLite (its outbox relay inside), and a load generator
-whose ``--clients`` clients stream chat completions through the alias for the whole run. This process plays the
-engineer: it promotes versions in the registry. The replica's registry poll is set to a minute, so what is
-measured is the event path: outbox → relay → ``adapter-events`` → watcher → verified load → switch.
+The embedded stack, each part in its own process as ``liveloop up`` runs it, with default settings: the embedded
+Kafka broker, one ``liveloop serve`` replica on the packaged SmolLM2 with SQLite (its outbox relay inside), and a
+load generator whose ``--clients`` clients stream chat completions through the alias for the whole run. This
+process plays the engineer: it promotes versions in the registry. The replica's registry poll is set to a minute,
+so what is measured is the event path: outbox → relay → ``adapter-events`` → watcher → verified load → switch.
 
-Per swap: the registry commits the promotion (t0); the replica reports the new live version on /readyz
-(t_switch, polled every 20 ms); the first streamed chunk of any response names it (t_served, stamped by the load
-generator). Two kinds of swap, ``--swaps`` of each: *cold*, a version approved long before and not loaded (the
-replica loads it after the event), and *warm*, a version approved just before, which the replica has loaded
-ahead as its standby (the newest approved version), as it has the canary and the previous live version: the
-promotion is then a pointer switch. Reported: p50/p95 of t_switch − t0 and t_served − t0, and requests failed.
-The baseline, measured in the same run while the load runs, is a bare adapter load in this process (manifest
-and sha256 check + peft ``load_adapter`` into a model of its own): what a cold swap must at least pay.
+Per swap: the registry commits the promotion (t0); the replica switches its routing to the new version (t_switch:
+the ``live_since`` its /readyz reports, polled every 20 ms, so the polling delay is not counted); the first
+streamed chunk of any response names it (t_served, stamped by the load generator). Two kinds of swap,
+``--swaps`` of each: *cold*, a version approved long before and not loaded (the replica loads it after the
+event), and *warm*, a version approved just before, which the replica has loaded ahead as its standby (the
+newest approved version), as it has the canary and the previous live version: the promotion is then a pointer
+switch. Reported: p50/p95 of t_switch − t0 and t_served − t0, and requests failed. The baseline, measured in the
+same run while the load runs, is a bare adapter load in this process (manifest and sha256 check + peft
+``load_adapter`` into a model of its own): what a cold swap must at least pay.
 
     python bench/swap.py [--swaps 20] [--clients 32] [--max-tokens 16] [--threads 0]
 """
@@ -170,12 +171,11 @@ def swap(registry: Registry, url: str, name: str, load: LoadGenerator, *, warm: 
             time.sleep(0.02)
     registry.promote(name, actor="bench", reason="swap benchmark")
     t0 = time.time()
-    while readyz(url).get("live_version") != name:
+    while (status := readyz(url)).get("live_version") != name:
         time.sleep(0.02)  # faster polling would load the replica's event loop it measures
-    switched = time.time() - t0
     while name not in load.first_seen:
         time.sleep(0.005)
-    return switched, load.first_seen[name] - t0
+    return status["live_since"] - t0, load.first_seen[name] - t0
 
 
 def report(results: dict[str, tuple[list[float], list[float]]], base: list[float], load: LoadGenerator) -> None:
@@ -200,7 +200,7 @@ def report(results: dict[str, tuple[list[float], list[float]]], base: list[float
 
 def run(args: argparse.Namespace, tmp: Path, broker: EmbeddedBroker) -> None:
     settings = Settings(_env_file=None, data_dir=tmp / "var", model_cache_dir=REPO / "var" / "models",
-                        kafka_bootstrap=broker.bootstrap, relay_poll_interval_s=0.05, max_batch_size=args.clients)
+                        kafka_bootstrap=broker.bootstrap, max_batch_size=args.clients)
     model_id, model_dir = prepare_base_model(settings)
     names = {kind: [f"{kind}-{i:02d}" for i in range(args.swaps)] for kind in ("cold", "warm")}
     paths = write_adapters(model_dir, model_id, names["cold"] + names["warm"] +
@@ -215,6 +215,8 @@ def run(args: argparse.Namespace, tmp: Path, broker: EmbeddedBroker) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     replica = start_replica(settings, int(url.rsplit(":", 1)[1]), args.threads, tmp / "replica.log")
     while readyz(url).get("status") != "ready":
+        if replica.poll() is not None:
+            raise SystemExit(f"the replica exited with {replica.returncode}:\n{(tmp / 'replica.log').read_text()}")
         time.sleep(0.2)
     load = LoadGenerator(url, args.clients, args.max_tokens)
     try:

@@ -12,7 +12,7 @@ it finishes on the version it started with.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from liveloop.promotion import in_canary
 from serving.errors import ModelNotFound
@@ -31,6 +31,7 @@ class _Routing:
     canary: str | None = None
     previous: str | None = None  # the live version before the last switch, kept loaded for a rollback
     loaded: frozenset[str] = frozenset()  # versions servable by name
+    live_since: float = field(default_factory=time.time)  # when ``live`` became live here (Unix time)
 
 
 class AdapterSet:
@@ -53,6 +54,10 @@ class AdapterSet:
     def previous(self) -> str | None:
         return self._routing.previous
 
+    @property
+    def live_since(self) -> float:
+        return self._routing.live_since
+
     def add_version(self, name: str) -> None:
         self._since.setdefault(name, time.time())
         self._routing = replace(self._routing, loaded=self._routing.loaded | {name})
@@ -72,8 +77,10 @@ class AdapterSet:
         for name in (live, canary):
             if name is not None and name not in routing.loaded:
                 raise KeyError(f"version {name!r} is not loaded")
-        previous = routing.live if live != routing.live else routing.previous
-        self._routing = replace(routing, live=live, canary=canary, previous=previous)
+        if live == routing.live:
+            self._routing = replace(routing, canary=canary)
+        else:
+            self._routing = replace(routing, live=live, canary=canary, previous=routing.live, live_since=time.time())
 
     def set_live(self, name: str | None) -> None:
         self.switch(live=name, canary=self.canary)

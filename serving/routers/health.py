@@ -28,8 +28,8 @@ async def readyz(request: Request) -> dict:
         raise Unavailable(f"the database is not reachable: {type(exc).__name__}") from exc
     adapters = state.adapters
     return {"status": "ready", "model": adapters.base_model_id, "live_version": adapters.live,
-            "canary_version": adapters.canary, "loaded_versions": state.engine.loaded_adapters(),
-            "refused_versions": adapters.refused}
+            "live_since": adapters.live_since, "canary_version": adapters.canary,
+            "loaded_versions": state.engine.loaded_adapters(), "refused_versions": adapters.refused}
 
 
 def _ping(db_engine) -> None:

@@ -202,8 +202,10 @@ def test_promote_and_rollback_are_visible_over_http(serve, app_db, make_adapter_
     registry = app_db.registry
     with serve(adapter_poll_s=0.05) as url:
         approve(registry, make_adapter_dir, "v1", 0)
+        promoted = time.time()
         registry.promote("v1", actor="alice", reason="x")
         eventually(lambda: httpx.get(f"{url}/readyz").json()["live_version"] == "v1", "v1 live on /readyz")
+        assert promoted < httpx.get(f"{url}/readyz").json()["live_since"] < time.time()
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
         reply = client.chat.completions.create(model="liveloop", max_tokens=3,
                                                messages=[{"role": "user", "content": "hi"}])
