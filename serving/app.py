@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -60,6 +61,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                                            settings=settings)
     await asyncio.to_thread(state.adapter_watcher.sync)  # ready only once the live version is loaded
     state.adapter_watcher.start()
+    # The model, torch and transformers leave millions of long-lived objects; a full collection scanning them all
+    # paused every request for ~0.3 s (the p99 of feedback ingestion). Frozen, collections see only new objects.
+    gc.collect()
+    gc.freeze()
     log.info("serving %s (%s on %s)", base.model_id, settings.dtype, base.device)
     try:
         yield
