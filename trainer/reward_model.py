@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REWARD_ADAPTER = "reward"
-HELDOUT_SPLIT = "reward-model"  # examples of this split measure the reward model's held-out accuracy
+HELDOUT_SPLIT = "reward-model"  # examples of this split measure the reward model's held-out balanced accuracy
 _HEAD_PREFIX = "score_head."
 
 
@@ -59,7 +59,7 @@ class RewardModelConfig:
     epochs_per_increment: int = 2  # passes over the buffer per increment: few, as each starts from trained weights
     batch_size: int = 16  # examples per optimizer step (and per scoring forward)
     max_grad_norm: float = 1.0  # gradient-norm clip; one mislabelled outlier must not blow up the head
-    heldout_fraction: float = 0.1  # share of completion ids never trained on, for held-out accuracy
+    heldout_fraction: float = 0.1  # share of completion ids never trained on, for held-out balanced accuracy
     pointwise_weight: float = 1.0  # weight of the logistic loss on single ratings (always available)
     pairwise_weight: float = 1.0  # weight of Bradley–Terry on up/down pairs of one prompt (rarer, more informative)
     max_examples: int = 4096  # bound of the labelled-example buffer; the oldest ratings are dropped first
@@ -91,7 +91,9 @@ class RewardModelMetrics:
     loss: float | None  # mean combined loss over the increment's last epoch; None when nothing was trained
     pointwise_loss: float | None
     pairwise_loss: float | None  # None also when the training split holds no up/down pair
-    heldout_accuracy: float | None  # share of held-out thumbs whose sign the score predicts; None without any
+    # mean of the held-out accuracy on thumbs up and on thumbs down (a constant score gets 0.5 however unbalanced
+    # the thumbs); None unless the held-out split holds both an up and a down rating
+    heldout_balanced_accuracy: float | None
     n_examples: int  # labelled examples in the buffer
     n_train: int
     n_heldout: int
@@ -115,6 +117,22 @@ def preference_pairs(examples: Sequence[RatedResponse]) -> tuple[list[int], list
         by_prompt[example.prompt_ids][0 if example.thumbs_up else 1].append(i)
     pairs = [(u, d) for ups, downs in by_prompt.values() for u in ups for d in downs]
     return [u for u, _ in pairs], [d for _, d in pairs]
+
+
+def balanced_accuracy(scores: torch.Tensor, thumbs_up: torch.Tensor) -> float | None:
+    """Mean over the two thumbs of the share of ratings (B,) whose thumb the sign of the score (B,) predicts.
+
+    Plain accuracy rewards the majority thumb: with 77% of ratings down, a model that always says "down" scores
+    0.77. Balanced accuracy gives any constant score 0.5 and a perfect one 1.0, whatever the balance. With only
+    one thumb present it is undefined, and None: that one thumb's accuracy would call such a constant perfect.
+    """
+    predicted_up = scores > 0  # the score is the log-odds of a thumb up
+    up, down = thumbs_up.bool(), ~thumbs_up.bool()
+    if not up.any() or not down.any():
+        return None
+    recall_up = predicted_up[up].float().mean()
+    recall_down = (~predicted_up[down]).float().mean()
+    return ((recall_up + recall_down) / 2).item()
 
 
 def is_heldout(completion_id: str, fraction: float, *, split: str) -> bool:
@@ -225,7 +243,7 @@ class RewardModel:
         return self.head(hidden[:, -1].float()).squeeze(-1)  # (B, H) → (B,)
 
     def train_increment(self) -> RewardModelMetrics:
-        """A few epochs over the buffer's training split from the current weights; then held-out accuracy."""
+        """A few epochs over the buffer's training split from the current weights; then held-out balanced accuracy."""
         train = [e for e in self.examples.values() if not self._heldout(e)]
         epoch_stats: list[tuple[float, float, float | None]] = []
         with adapter_active(self.model, REWARD_ADAPTER, trainable=True):
@@ -239,7 +257,7 @@ class RewardModel:
             loss=_mean([loss for loss, _, _ in epoch_stats]),
             pointwise_loss=_mean([point for _, point, _ in epoch_stats]),
             pairwise_loss=_mean(pair_losses),
-            heldout_accuracy=self.heldout_accuracy(),
+            heldout_balanced_accuracy=self.heldout_balanced_accuracy(),
             n_examples=len(self.examples), n_train=len(train), n_heldout=n_heldout,
             n_pairs=len(preference_pairs(train)[0]),
         )
@@ -283,14 +301,13 @@ class RewardModel:
     def _heldout(self, example: RatedResponse) -> bool:
         return is_heldout(example.completion_id, self.config.heldout_fraction, split=HELDOUT_SPLIT)
 
-    def heldout_accuracy(self) -> float | None:
-        """Share of held-out ratings whose thumb the sign of the score predicts; None without held-out data."""
+    def heldout_balanced_accuracy(self) -> float | None:
+        """``balanced_accuracy`` of the scores of the held-out ratings; None unless both thumbs are among them."""
         heldout = [e for e in self.examples.values() if self._heldout(e)]
-        if not heldout:
+        if len({e.thumbs_up for e in heldout}) < 2:
             return None
         scores = self.score([e.prompt_ids for e in heldout], [e.response_ids for e in heldout])
-        thumbs_up = torch.tensor([e.thumbs_up for e in heldout])
-        return ((scores > 0) == thumbs_up).float().mean().item()
+        return balanced_accuracy(scores, torch.tensor([e.thumbs_up for e in heldout]))
 
     def save(self, dest: Path, *, metadata: dict | None = None) -> str:
         """Write this version (adapter, head, config, last metrics) atomically to ``dest``; return its sha256."""

@@ -16,6 +16,7 @@ gates estimate reward on them.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import tempfile
 import threading
@@ -128,8 +129,9 @@ class Trainer:
             return self._logged_samples(events)
         self.reward_model.add(RatedResponse.from_event(event) for event in events)
         rm = self.reward_model.train_increment()
-        if rm.heldout_accuracy is not None:
-            metrics.REWARD_MODEL_ACCURACY.set(rm.heldout_accuracy)
+        # NaN, not the last (or initial 0) value, while the held-out split lacks a thumb: no number would be honest
+        accuracy = rm.heldout_balanced_accuracy
+        metrics.REWARD_MODEL_BALANCED_ACCURACY.set(math.nan if accuracy is None else accuracy)
         self._save_reward_model()
         prompts = {tuple(e.prompt_token_ids): SamplingParams.from_dict(e.sampling_params) for e in events}
         return fresh_samples(self.policy, self.reward_model, list(prompts), list(prompts.values()),

@@ -16,6 +16,7 @@ from trainer.reward_model import (
     RatedResponse,
     RewardModel,
     RewardModelConfig,
+    balanced_accuracy,
     is_heldout,
     pairwise_loss,
     pointwise_loss,
@@ -74,6 +75,37 @@ def test_heldout_split_is_stable_and_near_the_fraction():
     assert not any(is_heldout(i, 0.0, split="test") for i in ids)
 
 
+def test_balanced_accuracy_is_a_half_for_a_constant_score_and_one_for_a_perfect_one():
+    thumbs_up = torch.tensor([True] * 23 + [False] * 77)  # unbalanced as live thumbs are: 77% down
+    always_down = torch.full((100,), -1.0)
+    assert ((always_down > 0) == thumbs_up).float().mean().item() == pytest.approx(0.77)  # what plain accuracy says
+    assert balanced_accuracy(always_down, thumbs_up) == pytest.approx(0.5)
+    assert balanced_accuracy(torch.full((100,), 1.0), thumbs_up) == pytest.approx(0.5)
+    assert balanced_accuracy(torch.where(thumbs_up, 2.0, -3.0), thumbs_up) == pytest.approx(1.0)
+    # right on every up and on 67 of 77 downs: (1 + 67/77) / 2
+    scores = torch.where(thumbs_up, 1.0, -1.0)
+    scores[-10:] = 1.0
+    assert balanced_accuracy(scores, thumbs_up) == pytest.approx((1 + 67 / 77) / 2)
+
+
+def test_balanced_accuracy_of_a_single_thumb_is_none():
+    assert balanced_accuracy(torch.full((5,), -1.0), torch.zeros(5, dtype=torch.bool)) is None
+    assert balanced_accuracy(torch.full((5,), 1.0), torch.ones(5, dtype=torch.bool)) is None
+    assert balanced_accuracy(torch.zeros(0), torch.zeros(0, dtype=torch.bool)) is None
+
+
+def test_heldout_balanced_accuracy_of_a_constant_reward_model_is_a_half(tiny_peft_model):
+    config = RewardModelConfig(heldout_fraction=1.0)  # every example held out
+    reward_model = RewardModel.create(tiny_peft_model, base_model_id="tiny", pad_token_id=PAD, config=config)
+    with torch.no_grad():  # a head that ignores the hidden state: always "down"
+        reward_model.head.weight.zero_()
+        reward_model.head.bias.fill_(-1.0)
+    reward_model.add([rated(f"down-{i}", (1, i + 2), False) for i in range(3)])
+    assert reward_model.heldout_balanced_accuracy() is None  # one thumb only: undefined, not 1.0
+    reward_model.add([rated("up-0", (2,), True)])
+    assert reward_model.heldout_balanced_accuracy() == pytest.approx(0.5)  # plain accuracy: 0.75
+
+
 def test_reward_model_learns_a_separable_preference_above_chance(tiny_peft_model):
     config = RewardModelConfig(lr=1e-3, heldout_fraction=0.25, lora_r=8, lora_alpha=16)
     reward_model = RewardModel.create(tiny_peft_model, base_model_id="tiny", pad_token_id=PAD, config=config)
@@ -87,8 +119,8 @@ def test_reward_model_learns_a_separable_preference_above_chance(tiny_peft_model
     assert (first.n_examples, metrics.n_examples, metrics.increment) == (100, 200, 4)
     assert metrics.n_heldout + metrics.n_train == 200 and metrics.n_heldout >= 30
     assert metrics.n_pairs > 50 and metrics.pairwise_loss is not None
-    # chance is 0.5 (the held-out thumbs are balanced by construction); 0.7 on ~60 held-out examples is p < 0.001
-    assert metrics.heldout_accuracy >= 0.7, metrics
+    # chance is 0.5 (balanced accuracy, whatever the split's balance); 0.7 on ~60 held-out examples is p < 0.001
+    assert metrics.heldout_balanced_accuracy >= 0.7, metrics
     assert metrics.loss < first.loss
 
 
@@ -162,7 +194,8 @@ def test_save_and_load_round_trip_verifies_and_reproduces_scores(make_tiny_peft_
     sha = trained.save(tmp_path / "rm-1", metadata={"parent": None})
     manifest = verify_adapter(tmp_path / "rm-1", base_model_id="tiny", sha256=sha)
     assert manifest["metadata"]["config"]["lora_r"] == 8 and manifest["metadata"]["n_examples"] == 24
-    assert manifest["metadata"]["metrics"]["heldout_accuracy"] == trained.last_metrics.heldout_accuracy
+    saved_accuracy = manifest["metadata"]["metrics"]["heldout_balanced_accuracy"]
+    assert saved_accuracy == trained.last_metrics.heldout_balanced_accuracy
 
     fresh = make_tiny_peft_model()
     loaded = RewardModel.load(fresh, tmp_path / "rm-1", base_model_id="tiny", pad_token_id=PAD, sha256=sha)

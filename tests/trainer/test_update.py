@@ -9,8 +9,8 @@ response in eight at first (one in nine measured), and PPO can make it likely.
 In reward_model mode the reward is a reward model's score, learnt from thumbs on the toy preference; the test
 measures the preference itself on fresh samples. Its liked token is in about one response in four at first and
 never in a prompt, so the reward model need only learn whether the token is there, not where. From 2,048 ratings
-it does within one or two increments (held-out accuracy 0.97–1.0 over seeds 0–9); from 512 or 1,024 it overfits
-them and ranks fresh responses at AUC ≈ 0.7, too weak a reward to steer PPO reliably.
+it does within one or two increments (held-out balanced accuracy 0.96–1.0 over seeds 0–9); from 512 or 1,024 it
+overfits them and ranks fresh responses at AUC ≈ 0.7, too weak a reward to steer PPO reliably.
 """
 
 from __future__ import annotations
@@ -107,10 +107,10 @@ def test_ppo_on_a_learnt_reward_model_raises_the_true_reward_of_a_toy_preference
                      for i, g in enumerate(served(policy, 2048, seed=500 + seed)))
     for _ in range(3):
         rm = reward_model.train_increment()
-        if rm.heldout_accuracy >= 0.95:
+        if rm.heldout_balanced_accuracy >= 0.95:
             break
-    # a reward model that always says "down" would score the share of unliked responses, about 0.77
-    assert rm.heldout_accuracy >= 0.95 and rm.n_heldout >= 150, rm
+    # balanced: a reward model that always says "down" scores 0.5, not the share of unliked responses (about 0.77)
+    assert rm.heldout_balanced_accuracy >= 0.95 and rm.n_heldout >= 150, rm
 
     before = liked_share(policy)
     generator = torch.Generator().manual_seed(seed)
