@@ -272,12 +272,13 @@ def main() -> None:
     bounds = {"decode-step bound, 32 rows": 32 / decode_step_seconds(base.model, prompts[:32])}
     adapter, generate_kwargs = None, {}
     if args.adapter:
-        adapter, generate_kwargs = "live", {"adapter_names": ["live"]}
+        adapter = "live"
         with tempfile.TemporaryDirectory() as tmp:
             engine.load_adapter(adapter, random_adapter(base, Path(tmp) / adapter))
             engine.step()  # runs the load
+        generate_kwargs = {"adapter_names": [engine.adapter_slot(adapter)]}
         bounds["decode-step bound, 32 rows, adapter"] = 32 / decode_step_seconds(
-            engine.model, prompts[:32], adapter_names=[adapter] * 32)
+            engine.model, prompts[:32], adapter_names=generate_kwargs["adapter_names"] * 32)
     print(f"model {base.model_id} {args.dtype}, torch threads {torch.get_num_threads()}, adapter {adapter}, "
           f"{args.max_tokens} new tokens at T={args.temperature} top_p={args.top_p}")
     sequential_generate(engine.model, prompts, replace(params, max_tokens=2), 1, base.tokenizer.pad_token_id,

@@ -14,7 +14,8 @@ event), and *warm*, a version approved just before, which the replica has loaded
 newest approved version), as it has the canary and the previous live version: the promotion is then a pointer
 switch. Reported: p50/p95 of t_switch − t0 and t_served − t0, and requests failed. The baseline, measured in the
 same run while the load runs, is a bare adapter load in this process (manifest and sha256 check + peft
-``load_adapter`` into a model of its own): what a cold swap must at least pay.
+``load_adapter`` into a model of its own): what a cold swap would cost if every version became a new peft adapter
+(the replica copies it into a free adapter slot instead, see ``serving.slots``).
 
     python bench/swap.py [--swaps 20] [--clients 32] [--max-tokens 16] [--threads 0]
 """

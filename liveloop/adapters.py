@@ -4,7 +4,8 @@ A directory holds peft's ``adapter_model.safetensors`` and ``adapter_config.json
 sha256 of the weights file, the base-model id it was trained on, and free metadata (training config, metrics,
 lineage). A model part outside peft (e.g. a reward model's scalar head) goes beside it as ``extra_tensors``, with
 its own sha256 in the manifest. ``verify_adapter`` refuses a directory whose weights are missing, corrupt, or made
-for another base.
+for another base; ``read_adapter`` does the same checks and returns the weights parsed from the very bytes it
+hashed, so a file replaced between the check and the load cannot slip through.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel
-from safetensors.torch import save_file
+from peft import LoraConfig, PeftConfig, PeftModel
+from safetensors import SafetensorError
+from safetensors.torch import load, save_file
 
 MANIFEST = "liveloop.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -74,17 +77,49 @@ def save_adapter(model: PeftModel, adapter_name: str, dest: Path, *, base_model_
     return sha
 
 
+@dataclass(frozen=True)
+class AdapterWeights:
+    """A verified adapter read into memory: its manifest, peft config and weights (keys as peft saves them)."""
+
+    manifest: dict
+    config: PeftConfig
+    tensors: dict[str, torch.Tensor]
+
+
 def verify_adapter(path: Path, *, base_model_id: str | None = None, sha256: str | None = None) -> dict:
     """Return the manifest of a complete, uncorrupted adapter directory, or raise AdapterArtifactError."""
-    manifest_path, weights = path / MANIFEST, path / WEIGHTS
-    for required in (manifest_path, weights, path / CONFIG):
+    manifest = _read_manifest(path)
+    _check(path, manifest, sha256_file(path / WEIGHTS), base_model_id=base_model_id, sha256=sha256)
+    return manifest
+
+
+def read_adapter(path: Path, *, base_model_id: str | None = None, sha256: str | None = None) -> AdapterWeights:
+    """``verify_adapter``, then the peft config and the weights parsed from the bytes that were hashed."""
+    manifest = _read_manifest(path)
+    data = (path / WEIGHTS).read_bytes()
+    _check(path, manifest, hashlib.sha256(data).hexdigest(), base_model_id=base_model_id, sha256=sha256)
+    try:
+        config = PeftConfig.from_pretrained(str(path))
+        tensors = load(data)
+    except (ValueError, TypeError, SafetensorError) as exc:
+        raise AdapterArtifactError(f"{path}: unreadable {CONFIG} or {WEIGHTS}: {exc}") from exc
+    config.inference_mode = True
+    return AdapterWeights(manifest=manifest, config=config, tensors=tensors)
+
+
+def _read_manifest(path: Path) -> dict:
+    for required in (path / MANIFEST, path / WEIGHTS, path / CONFIG):
         if not required.is_file():
             raise AdapterArtifactError(f"{path}: {required.name} is missing")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        return json.loads((path / MANIFEST).read_text())
     except ValueError as exc:
         raise AdapterArtifactError(f"{path}: unreadable {MANIFEST}: {exc}") from exc
-    actual = sha256_file(weights)
+
+
+def _check(path: Path, manifest: dict, actual: str, *, base_model_id: str | None, sha256: str | None) -> None:
+    """Refuse weights whose sha256 ``actual`` is not the manifest's or ``sha256``, a damaged extra-tensors file,
+    or a manifest naming another base model."""
     for expected in {manifest.get("sha256"), sha256} - {None}:
         if actual != expected:
             raise AdapterArtifactError(f"{path}: weights sha256 {actual[:12]}… does not match {expected[:12]}…")
@@ -96,7 +131,6 @@ def verify_adapter(path: Path, *, base_model_id: str | None = None, sha256: str 
         raise AdapterArtifactError(
             f"{path}: trained on base {manifest.get('base_model_id')!r}, this process serves {base_model_id!r}"
         )
-    return manifest
 
 
 @contextmanager

@@ -1,8 +1,8 @@
 """The generation engine: continuous batching over one base model, with a LoRA adapter pinned per request.
 
 One thread owns the model. Each ``step``:
-  1. runs queued control work (adapter loads, log-prob spot checks) and unloads adapters nobody uses any more,
-     so a forward pass never sees the adapter set change under it;
+  1. runs queued control work (new adapter slots, log-prob spot checks) and unloads adapters nobody uses any
+     more, so a forward pass never sees the model's adapters change under it;
   2. drops cancelled requests (queued or running);
   3. admits waiting requests: one left-padded prefill for all of them, their first token sampled, their rows
      merged into the running batch (``serving.batch``);
@@ -11,6 +11,11 @@ One thread owns the model. Each ``step``:
 Rows of one batch may use different adapters: peft's ``adapter_names`` applies each row's own (unmerged) LoRA
 weights, and ``"__base__"`` means none. Unmerged LoRA costs decode speed on CPU (see bench/serving.py), but merging
 would make the base model, the reference for the KL penalty, unavailable to other rows.
+
+An adapter version is loaded into a slot (``serving.slots``): the thread that loads it reads, hashes and checks
+the files and copies the weights into a free slot, without waiting for a decode step; only when no slot is free
+does the engine thread add one between steps. After each load the engine adds a spare slot if none is left, so
+the next version finds one; unloading frees a version's slot for the next.
 
 Tokens are sampled only through ``liveloop.sampling``: one uniform draw per row per token from the request's own
 ``torch.Generator`` (seeded by ``params.seed`` when given, so the same seed, prompt and adapter give the same
@@ -36,14 +41,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 
-from liveloop.adapters import verify_adapter
+from liveloop.adapters import AdapterWeights, read_adapter
 from liveloop.model import BaseModel
 from liveloop.sampling import BASE_ADAPTER, SamplingParams, sample, sampling_logprobs, sequence_logprobs
 from serving import metrics
 from serving.batch import DecodeBatch
 from serving.detokenize import IncrementalText
+from serving.slots import Slot, SlotPool
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +214,8 @@ class _Sequence:
 
 class Engine:
     """Continuous-batching generation over ``base``; see the module docstring. Thread-safe entry points:
-    ``submit``, ``load_adapter``, ``unload_adapter``, ``loaded_adapters``, ``spot_check``, ``shutdown``.
+    ``submit``, ``load_adapter``, ``unload_adapter``, ``loaded_adapters``, ``adapter_slot``, ``spot_check``,
+    ``shutdown``.
     ``step`` runs on the engine's own thread after ``start()``, or is called directly (benchmarks, tests)."""
 
     def __init__(self, base: BaseModel, *, max_batch_size: int, max_queue: int, max_prefill_tokens: int = 4096):
@@ -219,8 +225,7 @@ class Engine:
         # rows. One request is always admitted, however long.
         self.max_prefill_tokens = max_prefill_tokens
         self.dtype = str(base.dtype).removeprefix("torch.")
-        self._model: torch.nn.Module = base.model
-        self._peft: PeftModel | None = None  # base.model wrapped at the first adapter load
+        self._slots = SlotPool(base.model)
         self._eos = base.eos_token_ids
         self._vocab_size = base.model.get_input_embeddings().num_embeddings
         self._tokenizer = base.tokenizer.backend_tokenizer
@@ -229,6 +234,7 @@ class Engine:
         self._waiting: deque[_Sequence] = deque()
         self._tasks: deque[tuple[Callable[[], object], Future]] = deque()
         self._adapters: set[str] = set()
+        self._slot_of: dict[str, Slot] = {}  # loaded adapter (servable or unloading) → the slot holding it
         self._loading: dict[str, Future] = {}
         self._unloading: set[str] = set()
         self._pins: Counter[str] = Counter()  # adapter → queued, running and spot-checked requests using it
@@ -241,7 +247,7 @@ class Engine:
     @property
     def model(self) -> torch.nn.Module:
         """What forward passes run on: the base model, or the PeftModel wrapping it since the first adapter load."""
-        return self._model
+        return self._slots.peft or self.base.model
 
     # --- lifecycle -----------------------------------------------------------------------------------------------
 
@@ -352,40 +358,53 @@ class Engine:
     # --- adapters ------------------------------------------------------------------------------------------------
 
     def load_adapter(self, name: str, path: Path, sha256: str | None = None) -> Future:
-        """Verify and load an adapter directory under a new name, between decode steps. The future resolves to
-        None once requests may use ``name``, or raises (AdapterArtifactError for a corrupt or foreign directory,
-        or weights whose sha256 is not ``sha256``, the registry's record, when given)."""
+        """Load an adapter directory under a new name (see the module docstring: the calling thread does the
+        reading and, given a free slot, the loading). The future resolves to None once requests may use ``name``,
+        or raises (AdapterArtifactError for a corrupt or foreign directory, or weights whose sha256 is not
+        ``sha256``, the registry's record, when given)."""
         with self._lock:
             if self._stopped:
                 raise EngineStopped("the engine is shut down")
             pending = self._loading.get(name)
             if not name or name == BASE_ADAPTER or name in self._adapters or (pending and not pending.done()):
                 raise ValueError(f"adapter name {name!r} is taken: versions are immutable, load under a new name")
-            future = self._enqueue(lambda: self._load(name, Path(path), sha256))
+            future: Future = Future()
             self._loading[name] = future
-        return future
-
-    def _load(self, name: str, path: Path, sha256: str | None) -> None:
-        try:
-            verify_adapter(path, base_model_id=self.base.model_id, sha256=sha256)
-            # Adapters stay in the serving dtype (no fp32 upcast): the recorded log-probs are this model's anyway.
-            if self._peft is None:
-                self._peft = PeftModel.from_pretrained(self.base.model, path, adapter_name=name,
-                                                       autocast_adapter_dtype=False)
-                self._model = self._peft
-            else:
-                self._peft.load_adapter(path, adapter_name=name, autocast_adapter_dtype=False)
-            self._peft.eval().requires_grad_(False)
-        except BaseException:
-            if self._peft is not None and name in self._peft.peft_config:
-                self._peft.delete_adapter(name)  # half-loaded: leave no trace
+        try:  # the checked sha256 is that of the bytes loaded: read_adapter parses the very bytes it hashed
+            adapter = read_adapter(Path(path), base_model_id=self.base.model_id, sha256=sha256)
+        except Exception as exc:
             with self._lock:
                 self._loading.pop(name, None)
-            raise
-        with self._lock:
-            self._loading.pop(name, None)
-            self._adapters.add(name)
-        log.info("adapter %s loaded from %s", name, path)
+            future.set_exception(exc)
+            return future
+        slot = self._slots.take(adapter.config)
+        if slot is not None:
+            _settle(future, lambda: self._install(name, adapter, slot))
+        else:
+            with self._lock:
+                self._enqueue(lambda: self._install(name, adapter, None), future)
+        return future
+
+    def _install(self, name: str, adapter: AdapterWeights, slot: Slot | None) -> None:
+        """Copy the weights into ``slot`` (None: a slot this engine-thread call takes or creates) and make
+        ``name`` servable."""
+        config = adapter.config
+        try:
+            slot = slot or self._slots.take(config) or self._slots.create(config)
+            try:
+                slot.fill(adapter.tensors)
+            except BaseException:
+                self._slots.release(slot)
+                raise
+            with self._lock:
+                self._slot_of[name] = slot
+                self._adapters.add(name)
+                if not self._slots.has_free(config):
+                    self._enqueue(lambda: self._slots.ensure_spare(config))
+        finally:
+            with self._lock:
+                self._loading.pop(name, None)
+        log.info("adapter %s loaded into %s", name, slot.name)
         self._update_gauges()
 
     def unload_adapter(self, name: str) -> None:
@@ -399,12 +418,18 @@ class Engine:
         with self._lock:
             return sorted(self._adapters - self._unloading)
 
+    def adapter_slot(self, name: str | None) -> str | None:
+        """The peft adapter of ``model`` that holds the loaded version ``name`` (None: the base model), for a
+        forward pass with ``adapter_names``."""
+        with self._lock:
+            return None if name is None else self._slot_of[name].name
+
     def _unload_unused(self) -> None:
         with self._lock:
             unused = [name for name in self._unloading if self._pins[name] == 0]
         for name in unused:
-            self._peft.delete_adapter(name)
             with self._lock:
+                self._slots.release(self._slot_of.pop(name))
                 self._adapters.discard(name)
                 self._unloading.discard(name)
             log.info("adapter %s unloaded", name)
@@ -422,16 +447,20 @@ class Engine:
         with self._lock:  # unloads happen on this thread too: the adapter cannot go away during the forward
             if request.adapter is not None and request.adapter not in self._adapters:
                 raise UnknownAdapter(f"adapter {request.adapter!r} was unloaded before the check ran")
-        recomputed = sequence_logprobs(self._model, request.prompt_ids, result.token_ids, request.params,
-                                       adapter=request.adapter)
+        recomputed = sequence_logprobs(self.model, request.prompt_ids, result.token_ids, request.params,
+                                       adapter=self.adapter_slot(request.adapter))
         mismatch = max((abs(a - b) for a, b in zip(result.logprobs, recomputed, strict=True)), default=0.0)
         metrics.LOGPROB_MISMATCH.observe(mismatch)
         metrics.LOGPROB_MISMATCH_LAST.set(mismatch)
         return mismatch
 
-    def _enqueue(self, work: Callable[[], object]) -> Future:
-        """Queue work for the engine thread (caller holds the lock)."""
-        future: Future = Future()
+    def _enqueue(self, work: Callable[[], object], future: Future | None = None) -> Future:
+        """Queue work for the engine thread; its outcome goes to ``future`` (a new one by default). The caller
+        holds the lock."""
+        future = future or Future()
+        if self._stopped:
+            future.set_exception(EngineStopped("the engine is shut down"))
+            return future
         self._tasks.append((work, future))
         self._lock.notify_all()
         return future
@@ -440,13 +469,7 @@ class Engine:
         with self._lock:
             tasks, self._tasks = list(self._tasks), deque()
         for work, future in tasks:
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(work())
-            except Exception as exc:
-                log.warning("engine task failed: %s", exc)
-                future.set_exception(exc)
+            _settle(future, work)
 
     # --- the step ------------------------------------------------------------------------------------------------
 
@@ -477,7 +500,7 @@ class Engine:
             return 0
         started = time.perf_counter()
         try:
-            batch, logits = DecodeBatch.prefill(self._model, [s.request.prompt_ids for s in newcomers],
+            batch, logits = DecodeBatch.prefill(self.model, [s.request.prompt_ids for s in newcomers],
                                                 **self._adapter_kwargs(newcomers))
             self._sample(newcomers, logits)
         except Exception as exc:  # e.g. out of memory: these requests fail, the running batch goes on
@@ -510,7 +533,7 @@ class Engine:
         started = time.perf_counter()
         tokens = torch.tensor([s.token_ids[-1] for s in sequences], device=self.base.device)
         try:
-            logits = self._batch.decode(self._model, tokens, **self._adapter_kwargs(sequences))
+            logits = self._batch.decode(self.model, tokens, **self._adapter_kwargs(sequences))
             self._sample(sequences, logits)
         except Exception as exc:  # the batch's cache is in an unknown state: its requests fail, the engine goes on
             log.exception("decode step of %d sequences failed", len(sequences))
@@ -522,9 +545,9 @@ class Engine:
         return len(sequences)
 
     def _adapter_kwargs(self, sequences: list[_Sequence]) -> dict:
-        if self._peft is None:
+        if self._slots.peft is None:
             return {}
-        return {"adapter_names": [s.request.adapter or BASE_ADAPTER for s in sequences]}
+        return {"adapter_names": [self.adapter_slot(s.request.adapter) or BASE_ADAPTER for s in sequences]}
 
     def _sample(self, sequences: list[_Sequence], logits: torch.Tensor) -> None:
         """Sample one token per row of logits (N, V) and hand it to its sequence."""
@@ -579,6 +602,17 @@ class Engine:
             metrics.QUEUE_DEPTH.set(len(self._waiting))
             metrics.ADAPTERS_LOADED.set(len(self._adapters))
         metrics.RUNNING.set(len(self._running))
+
+
+def _settle(future: Future, work: Callable[[], object]) -> None:
+    """Run ``work`` and put its result or exception into ``future``, unless the future was cancelled."""
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(work())
+    except Exception as exc:
+        log.warning("engine work failed: %s", exc)
+        future.set_exception(exc)
 
 
 def _compact(batch: DecodeBatch | None, sequences: list[_Sequence]) -> tuple[DecodeBatch | None, list[_Sequence]]:

@@ -268,11 +268,57 @@ def test_unload_waits_until_no_request_uses_the_adapter(make_engine, tiny_base, 
     with pytest.raises(UnknownAdapter):
         engine.submit(request(tiny_base, "Too late", "a"))
     engine.step()
-    assert "a" in engine.model.peft_config and not pinned.done
+    for seed, name in enumerate(["b", "c"], start=1):  # more loads than free slots: none may take a's
+        load(engine, name, make_adapter_dir(name, scale=0.5, seed=seed))
+    assert not pinned.done
     assert_same_generation(run(engine, [pinned])[0], want)
-    assert "a" not in engine.model.peft_config
     with pytest.raises(UnknownAdapter):
         engine.unload_adapter("a")
+    slots = len(engine.model.peft_config)
+    load(engine, "d", make_adapter_dir("d", scale=0.5, seed=3))
+    engine.step()
+    assert len(engine.model.peft_config) == slots  # a's slot was freed, and d (or the spare) took it
+
+
+def test_a_version_loads_into_a_free_slot_without_waiting_for_a_step(make_engine, tiny_base, make_adapter_dir):
+    engine = make_engine()
+    load(engine, "a", make_adapter_dir("a", scale=0.5))  # the first slot is added by the engine thread
+    running = engine.submit(request(tiny_base, "Keep going", "a", temperature=0.0, max_tokens=8))
+    engine.step()  # also adds a spare slot
+    future = engine.load_adapter("b", make_adapter_dir("b", scale=0.5, seed=1))
+    assert future.done() and future.exception() is None and engine.loaded_adapters() == ["a", "b"]
+    assert_same_generation(run(engine, [running])[0], alone(engine, running.request))
+
+
+def test_a_reused_slot_serves_the_new_version_s_weights(make_engine, make_settings, tiny_model_dir, tiny_base,
+                                                        make_adapter_dir):
+    engine = make_engine()
+    for seed, name in enumerate(["a", "b", "c"]):  # each unloaded before the next: slots are recycled
+        load(engine, name, make_adapter_dir(name, scale=0.5, seed=seed))
+        engine.unload_adapter(name)
+        engine.step()
+    assert len(engine.model.peft_config) == 2  # the first slot and one spare, reused ever since
+    load(engine, "d", make_adapter_dir("d", scale=0.5, seed=3))
+    fresh = make_engine(load_base_model(make_settings(base_model=tiny_model_dir)))
+    load(fresh, "d", make_adapter_dir("d-again", scale=0.5, seed=3))
+    req = request(tiny_base, "Who are you?", "d", temperature=0.0, max_tokens=10)
+    assert_same_generation(alone(engine, req), alone(fresh, req))
+
+
+def test_a_version_of_another_lora_config_gets_slots_of_its_own_and_free_old_ones_go(make_engine, tiny_base,
+                                                                                    tiny_model_dir, make_adapter_dir,
+                                                                                    tmp_path):
+    engine = make_engine()
+    load(engine, "r4", make_adapter_dir("r4", scale=0.5))
+    engine.step()  # a spare r4 slot
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), default_lora_config(r=8, alpha=16),
+                           adapter_name="policy")
+    save_adapter(model, "policy", tmp_path / "r8", base_model_id=tiny_model_dir.name)
+    load(engine, "r8", tmp_path / "r8")
+    engine.step()  # a spare r8 slot
+    assert sorted(config.r for config in engine.model.peft_config.values()) == [4, 8, 8]  # r4's spare is gone
+    for adapter in ("r4", "r8"):
+        assert alone(engine, request(tiny_base, "Hello", adapter, max_tokens=4)).adapter == adapter
 
 
 def test_corrupt_or_foreign_adapter_is_refused_and_serving_goes_on(make_engine, tiny_base, make_adapter_dir, tmp_path):
@@ -284,8 +330,12 @@ def test_corrupt_or_foreign_adapter_is_refused_and_serving_goes_on(make_engine, 
     foreign = shutil.copytree(good, tmp_path / "foreign")
     manifest = json.loads((foreign / "liveloop.json").read_text())
     (foreign / "liveloop.json").write_text(json.dumps({**manifest, "base_model_id": "another-model"}))
+    misfit = shutil.copytree(good, tmp_path / "misfit")  # intact weights, but a config of another rank
+    config = json.loads((misfit / "adapter_config.json").read_text())
+    (misfit / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
     running = engine.submit(request(tiny_base, "Keep going", temperature=0.0, max_tokens=8))
-    for name, path, reason in [("corrupt", corrupt, "sha256"), ("foreign", foreign, "another-model")]:
+    for name, path, reason in [("corrupt", corrupt, "sha256"), ("foreign", foreign, "another-model"),
+                               ("misfit", misfit, "shape")]:
         future = engine.load_adapter(name, path)
         engine.step()
         with pytest.raises(AdapterArtifactError, match=reason):
@@ -429,7 +479,8 @@ def generate_mixed(engine: Engine, base: BaseModel, adapter: str, max_tokens: in
 def mismatches(engine: Engine, generations: list[tuple]) -> list[float]:
     return [abs(recorded - recomputed) for req, result in generations
             for recorded, recomputed in zip(result.logprobs, sequence_logprobs(
-                engine.model, req.prompt_ids, result.token_ids, req.params, adapter=req.adapter), strict=True)]
+                engine.model, req.prompt_ids, result.token_ids, req.params,
+                adapter=engine.adapter_slot(req.adapter)), strict=True)]
 
 
 def test_spot_check_recomputes_the_recorded_logprobs(make_engine, tiny_base, make_adapter_dir):
