@@ -93,7 +93,10 @@ class Settings(BaseSettings):
     feedback_comment_max_chars: int = Field(2_000, ge=0, description="Longest comment accepted with a rating.")
     relay_in_api: bool = Field(True, description="Run the outbox relay inside the API process.")
     relay_batch_size: int = Field(500, ge=1, description="Outbox rows published per round trip.")
-    relay_poll_interval_s: float = Field(0.2, gt=0, description="How often an idle relay looks for new outbox rows.")
+    relay_poll_interval_s: float = Field(
+        0.05, gt=0, description="How often an idle relay looks for new outbox rows: up to this much is added to every "
+        "adapter event and rating written by another process (an idle relay at 0.05 s costs ~2% of a core).",
+    )
     relay_max_backoff_s: float = Field(30.0, gt=0, description="Longest wait between retries while Kafka is down.")
 
     # --- registry ------------------------------------------------------------------------------------
