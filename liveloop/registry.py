@@ -25,7 +25,7 @@ that routing may have changed; partial unique indexes back the one-live and one-
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -147,6 +147,12 @@ class Registry:
         self._sessions = sessions
         self.store = store
         self.events_topic = events_topic
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_transition(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` after each transition this object commits (in the committing thread): a part of the
+        same process reacts at once, not at its next poll or when the adapter-events message comes round."""
+        self._listeners.append(listener)
 
     # --- reads ----------------------------------------------------------------------------------------
 
@@ -395,6 +401,8 @@ class Registry:
             yield session
             if self.events_topic is not None:
                 session.add(_routing_event(session, self.events_topic, kind, revision))
+        for listener in self._listeners:
+            listener()
 
 
 def open_registry(sessions: sessionmaker[Session], settings: Settings) -> Registry:

@@ -11,8 +11,9 @@ returns to it), the canary (promoted from canary), and the newest approved versi
 promotes it). Versions outside these for ``adapter_unload_grace_s`` are unloaded (the engine frees them once no
 request uses them).
 
-Syncs run on a thread: every ``adapter_poll_s`` (so a missed event heals) and at once when the
-``adapter-events`` topic announces a transition (``AdapterEvents``: a hint only, the registry is the truth).
+Syncs run on a thread: every ``adapter_poll_s`` (so a missed event heals), at once when the ``adapter-events``
+topic announces a transition (``AdapterEvents``: a hint only, the registry is the truth), and at once after a
+transition made through this process's registry (the admin API), without waiting for that message.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class AdapterWatcher:
         self._wake, self._stop = threading.Event(), threading.Event()
         self._threads: list[threading.Thread] = []
         self.events = AdapterEvents(settings, on_event=self.wake) if settings.kafka_bootstrap else None
+        registry.on_transition(self.wake)
 
     def sync(self) -> None:
         """Apply the registry's current routing (see the module docstring); cheap when nothing changed."""

@@ -161,7 +161,9 @@ def test_versions_out_of_the_routing_are_unloaded_after_the_grace_period(registr
 
 def test_an_adapter_event_wakes_the_watcher_before_its_poll(registry_db, make_adapter_dir, replica, broker):
     """With polling an hour apart, only the adapter-events message (outbox → relay → Kafka) can deliver it."""
-    registry = registry_db.registry
+    node_registry = registry_db.registry
+    # the engineer's registry, as another process has it: its transitions do not wake the replica's watcher
+    registry = Registry(registry_db.sessions, node_registry.store, events_topic=node_registry.events_topic)
     node = replica(kafka_bootstrap=broker.bootstrap, adapter_poll_s=3600, relay_poll_interval_s=0.05,
                    adapter_events_topic=registry.events_topic)
     ensure_topics(node.watcher.settings)
@@ -176,6 +178,19 @@ def test_an_adapter_event_wakes_the_watcher_before_its_poll(registry_db, make_ad
     finally:
         node.watcher.stop()
         relay.stop()
+
+
+def test_a_transition_through_this_process_s_registry_wakes_the_watcher_at_once(registry, make_adapter_dir,
+                                                                                  replica):
+    node = replica(adapter_poll_s=3600)  # no Kafka either: only the registry's own call can deliver it
+    node.watcher.sync()
+    node.watcher.start()
+    try:
+        approve(registry, make_adapter_dir, "v1", 0)
+        registry.promote("v1", actor="alice", reason="x")
+        eventually(lambda: node.adapters.live == "v1", "the replica switched without a poll or an event")
+    finally:
+        node.watcher.stop()
 
 
 # --- over HTTP --------------------------------------------------------------------------------------------
