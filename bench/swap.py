@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 # `python bench/swap.py` puts bench/ first on sys.path, where bench/serving.py would shadow the `serving` package.
@@ -59,6 +60,17 @@ QUESTIONS = ["Why is the sky blue?", "Write a haiku about the sea.", "How do bee
 # --- the load generator (a process of its own: `bench/swap.py --load URL`) -----------------------------------
 
 
+async def sse_data(response: httpx.Response) -> AsyncIterator[str]:
+    """The JSON data of each server-sent event. Lines are split at "\\n" only: httpx's ``aiter_lines`` also splits
+    at U+2028, NEL and the like, which JSON leaves unescaped in a chunk's text (the model emits them now and then)."""
+    rest = b""
+    async for data in response.aiter_bytes():
+        *lines, rest = (rest + data).split(b"\n")
+        for line in lines:
+            if line.startswith(b"data: {"):
+                yield line[6:].decode()
+
+
 async def stream_forever(url: str, i: int, max_tokens: int, seen: set[str]) -> None:
     """One client: request after request; print the wall time a model name is first seen, and every failure."""
     body = {"model": "liveloop", "stream": True, "max_tokens": max_tokens, "user": f"bench-{i}",
@@ -68,9 +80,9 @@ async def stream_forever(url: str, i: int, max_tokens: int, seen: set[str]) -> N
             try:
                 async with http.stream("POST", "/v1/chat/completions", json=body) as response:
                     response.raise_for_status()
-                    async for line in response.aiter_lines():
-                        model = json.loads(line[6:])["model"] if line.startswith("data: {") else None
-                        if model is not None and model not in seen:
+                    async for data in sse_data(response):
+                        model = json.loads(data)["model"]
+                        if model not in seen:
                             seen.add(model)
                             print(json.dumps({"model": model, "t": time.time()}), flush=True)
                 print(json.dumps({"done": 1}), flush=True)
