@@ -247,7 +247,7 @@ class Engine:
     @property
     def model(self) -> torch.nn.Module:
         """What forward passes run on: the base model, or the PeftModel wrapping it since the first adapter load."""
-        return self._slots.peft or self.base.model
+        return self.base.model if self._slots.peft is None else self._slots.peft
 
     # --- lifecycle -----------------------------------------------------------------------------------------------
 

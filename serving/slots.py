@@ -76,7 +76,7 @@ class SlotPool:
 
     def create(self, config: PeftConfig) -> Slot:
         """A new slot of ``config``, reserved for the caller (engine thread). Free slots of other configs are
-        deleted: no version with their config is loaded any more, and they only hold memory."""
+        deleted, so that those of a config the trainer no longer uses do not hold memory for good."""
         name = f"slot{next(self._ids)}"
         own = copy.deepcopy(config)  # peft keeps and may amend its config; the slot's stays the one compared
         # Adapters stay in the serving dtype (no fp32 upcast): the recorded log-probs are this model's anyway.
