@@ -90,7 +90,11 @@ def make_producer(settings: Settings, client_id: str) -> KafkaProducer:
     )
 
 
-def make_consumer(settings: Settings, group_id: str, client_id: str = "liveloop-consumer") -> KafkaConsumer:
+def make_consumer(settings: Settings, group_id: str | None, client_id: str = "liveloop-consumer",
+                  fetch_max_wait_ms: int = 500) -> KafkaConsumer:
+    """``fetch_max_wait_ms`` bounds how long the broker holds a fetch that has no data yet. Apache Kafka answers
+    as soon as data arrives; the embedded Tansu broker may answer only when the wait ends, so a listener that
+    must react quickly asks for a shorter wait (at the cost of more idle fetches)."""
     return KafkaConsumer(
         **_client_config(settings, client_id),
         group_id=group_id,
@@ -100,6 +104,7 @@ def make_consumer(settings: Settings, group_id: str, client_id: str = "liveloop-
         heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
         max_poll_interval_ms=settings.kafka_max_poll_interval_ms,
         allow_auto_create_topics=False,
+        fetch_max_wait_ms=fetch_max_wait_ms,
     )
 
 

@@ -153,7 +153,9 @@ class AdapterEvents:
                 stop.wait(self.settings.adapter_poll_s)
 
     def _listen(self, stop: threading.Event) -> None:
-        consumer = make_consumer(self.settings, group_id=None, client_id="liveloop-serving-adapter-events")
+        # a short fetch wait: a promotion should reach serving in well under the default 0.5 s (~20 fetches/s idle)
+        consumer = make_consumer(self.settings, group_id=None, client_id="liveloop-serving-adapter-events",
+                                 fetch_max_wait_ms=50)
         try:
             topic = self.settings.adapter_events_topic
             partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
