@@ -47,14 +47,14 @@ from liveloop.registry import Registry, current_rating
 from liveloop.sampling import SamplingParams, sampling_logprobs, sequence_logprobs, token_logprobs
 from liveloop.settings import Settings
 from liveloop.tables import Completion, Feedback
-from trainer.reward_model import adapter_active, is_heldout
+from trainer.heldout import GATES_SPLIT, is_heldout
+from trainer.reward_model import adapter_active
 from trainer.rollout import Generation, generate
 from trainer.tokens import left_pad, position_ids
 
 log = logging.getLogger(__name__)
 
 CANDIDATE, LIVE = "gate-candidate", "gate-live"  # names of the adapters loaded for a run
-HELDOUT_SPLIT = "gates"  # completions of this split (``gate_holdout_fraction``) are never trained on
 DATA = resources.files("liveloop") / "data"  # the reference text and fallback prompts shipped in the package
 W_MAX = 20.0  # importance-weight truncation of the direct-mode reward estimate
 _PPL_WINDOW = 256  # reference-text tokens per perplexity forward
@@ -348,7 +348,7 @@ def load_heldout(sessions: sessionmaker[Session], *, fraction: float, prompts: i
     ``rated`` samples with their current rating."""
     with sessions() as session:
         recent = session.scalars(select(Completion.id).order_by(Completion.created_at.desc()).limit(scan)).all()
-        held = [cid for cid in recent if is_heldout(cid, fraction, split=HELDOUT_SPLIT)][: max(prompts, rated) * 4]
+        held = [cid for cid in recent if is_heldout(cid, fraction, split=GATES_SPLIT)][: max(prompts, rated) * 4]
         rows = session.execute(
             select(Completion.prompt_token_ids, Completion.response_token_ids, Completion.behaviour_logprobs,
                    Completion.sampling_params, Feedback.rating)

@@ -37,7 +37,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from liveloop.adapters import EXTRA_TENSORS, default_lora_config, save_adapter, verify_adapter
-from liveloop.promotion import stable_fraction
+from trainer.heldout import REWARD_MODEL_SPLIT, is_heldout
 from trainer.tokens import left_pad, position_ids
 
 if TYPE_CHECKING:
@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REWARD_ADAPTER = "reward"
-HELDOUT_SPLIT = "reward-model"  # examples of this split measure the reward model's held-out balanced accuracy
 _HEAD_PREFIX = "score_head."
 
 
@@ -133,12 +132,6 @@ def balanced_accuracy(scores: torch.Tensor, thumbs_up: torch.Tensor) -> float | 
     recall_up = predicted_up[up].float().mean()
     recall_down = (~predicted_up[down]).float().mean()
     return ((recall_up + recall_down) / 2).item()
-
-
-def is_heldout(completion_id: str, fraction: float, *, split: str) -> bool:
-    """Stable split: the same completion id is held out in every process and every increment. ``split`` names
-    the purpose, so independent splits (the gates' and the reward model's) do not hold out the same ids."""
-    return stable_fraction(f"{split}\0{completion_id}") < fraction
 
 
 @contextmanager
@@ -299,7 +292,7 @@ class RewardModel:
         return loss.item(), point.item(), pair.item() if up else None
 
     def _heldout(self, example: RatedResponse) -> bool:
-        return is_heldout(example.completion_id, self.config.heldout_fraction, split=HELDOUT_SPLIT)
+        return is_heldout(example.completion_id, self.config.heldout_fraction, split=REWARD_MODEL_SPLIT)
 
     def heldout_balanced_accuracy(self) -> float | None:
         """``balanced_accuracy`` of the scores of the held-out ratings; None unless both thumbs are among them."""

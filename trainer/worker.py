@@ -37,10 +37,10 @@ from liveloop.sampling import SamplingParams, sequence_logprobs
 from liveloop.settings import Settings
 from trainer import metrics
 from trainer.config import PPOConfig
-from trainer.gates import HELDOUT_SPLIT as GATES_SPLIT
 from trainer.gates import Gates, judge_candidate
+from trainer.heldout import GATES_SPLIT, is_heldout
 from trainer.policy import POLICY_ADAPTER, PolicyValueModel
-from trainer.reward_model import RatedResponse, RewardModel, RewardModelConfig, is_heldout
+from trainer.reward_model import RatedResponse, RewardModel, RewardModelConfig
 from trainer.rollout import RolloutConfig, fresh_samples
 from trainer.update import Sample, ppo_update
 

@@ -13,7 +13,6 @@ from liveloop.adapters import default_lora_config, save_adapter
 from liveloop.sampling import SamplingParams
 from liveloop.tables import Completion, Feedback
 from trainer.gates import (
-    HELDOUT_SPLIT,
     Gates,
     HeldOut,
     LoggedSample,
@@ -22,7 +21,8 @@ from trainer.gates import (
     load_heldout,
     repetition_rate,
 )
-from trainer.reward_model import adapter_active, is_heldout
+from trainer.heldout import GATES_SPLIT, is_heldout
+from trainer.reward_model import adapter_active
 from trainer.rollout import generate
 
 NO_DATA = HeldOut(prompts=[], rated=[])
@@ -177,7 +177,7 @@ def test_heldout_data_comes_only_from_the_heldout_split_with_current_ratings(reg
         for i, cid in enumerate(ids):
             add_completion(session, cid, [i], [] if i % 3 == 0 else ["up", "down"] if i % 3 == 1 else ["up"])
     heldout = load_heldout(registry_db.sessions, fraction=0.2, prompts=1000, rated=1000)
-    held = [i for i, cid in enumerate(ids) if is_heldout(cid, 0.2, split=HELDOUT_SPLIT)]
+    held = [i for i, cid in enumerate(ids) if is_heldout(cid, 0.2, split=GATES_SPLIT)]
     assert held and sorted(p[0] for p in heldout.prompts) == held
     assert sorted((s.prompt_ids[0], s.thumbs_up) for s in heldout.rated) == [
         (i, i % 3 == 2) for i in held if i % 3 != 0]

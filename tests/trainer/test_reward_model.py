@@ -10,6 +10,7 @@ import torch
 
 from feedback.events import FeedbackEvent
 from liveloop.adapters import EXTRA_TENSORS, AdapterArtifactError, verify_adapter
+from trainer.heldout import is_heldout
 from trainer.policy import POLICY_ADAPTER
 from trainer.reward_model import (
     REWARD_ADAPTER,
@@ -17,7 +18,6 @@ from trainer.reward_model import (
     RewardModel,
     RewardModelConfig,
     balanced_accuracy,
-    is_heldout,
     pairwise_loss,
     pointwise_loss,
     preference_pairs,

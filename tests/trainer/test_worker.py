@@ -16,8 +16,7 @@ from liveloop.model import load_base_model
 from liveloop.registry import Kind, Registry, State
 from liveloop.sampling import SamplingParams
 from liveloop.tables import utcnow
-from trainer.gates import HELDOUT_SPLIT as GATES_SPLIT
-from trainer.reward_model import is_heldout
+from trainer.heldout import GATES_SPLIT, is_heldout
 from trainer.rollout import generate
 from trainer.worker import Trainer
 
