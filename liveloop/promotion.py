@@ -7,14 +7,17 @@ Policy (``promotion_policy``):
 - ``manual``: approved versions wait for an engineer (``liveloop adapters promote V``).
 
 Canary: users for whom ``in_canary(user, canary, fraction)`` holds are served the canary, everyone else the live
-version. Once each side has ``canary_min_ratings`` ratings on completions served since the canary started, a
-one-sided two-proportion z-test of H1 "canary's thumbs-up rate < live's" decides: p < ``canary_alpha`` rejects
-the canary, otherwise it is promoted. Both sides are rated over the same period, so a drift in traffic over the
-day does not masquerade as a difference between versions.
+version, over the same period. At every look (each ``tick``) a sequential probability ratio test (Wald's SPRT,
+Gaussian approximation of the difference of thumbs-up rates) weighs H1 "canary = live + ``canary_effect``"
+against H0 "canary = live" and promotes, rejects, or keeps collecting (``canary_outcome``). Its error rates hold
+however often it looks. Only ratings that can decide are counted (``Registry.thumbs`` with ``requested_model``
+and ``max_per_user``): completions asked for by the alias, of identified users, the latest rating of each, at
+most ``max_ratings_per_user`` per user and side.
 
-Rollback: for ``rollback_window_s`` after a promotion, the new version's thumbs-up rate since its promotion is
-tested against its predecessor's over the same length of time just before it (H1 "new < predecessor",
-``rollback_alpha``), once both have ``rollback_min_ratings`` ratings; a significant drop rolls back.
+Rollback: for ``rollback_window_s`` after a promotion, the new version's ratings since its promotion are compared
+with a fixed reference, its predecessor's ratings in the ``rollback_window_s`` before the promotion, by a
+one-sided open SPRT of H1 "new = reference − ``rollback_effect``": it rolls back once the likelihood ratio
+reaches 1 / ``rollback_alpha`` (``rollback_due``), and otherwise watches until the window closes.
 
 Every decision is a registry transition whose audit details carry its statistics. Decisions are guarded
 (``expect``): when several processes run the monitor, one acts and the others' identical verdicts are refused.
@@ -26,9 +29,11 @@ import hashlib
 import logging
 import math
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from statistics import NormalDist
+from enum import StrEnum
+
+import numpy as np
 
 from liveloop.registry import IllegalTransition, Kind, Registry, State, Thumbs
 from liveloop.settings import Settings
@@ -50,28 +55,84 @@ def in_canary(user: str | None, canary: str, fraction: float) -> bool:
     return user is not None and stable_fraction(f"{canary}\0{user}") < fraction
 
 
+# --- the sequential tests: pure functions of the counts, on numbers (the monitor) or arrays (the simulator) ----
+
+
+def difference_log_lr(new_up, new_n, ref_up, ref_n, effect: float):
+    """log Λ of H1 "p_new − p_ref = effect" against H0 "p_new = p_ref".
+
+    The observed difference d = new_up/new_n − ref_up/ref_n is taken as N(θ, V), V = p̄(1 − p̄)(1/new_n + 1/ref_n)
+    with the pooled rate p̄ = (new_up + ref_up + 1) / (new_n + ref_n + 2) (one pseudo-rating each way, so that
+    all-up or all-down sides do not make V zero). Then log Λ = effect·d/V − effect²/(2V).
+    """
+    p = (new_up + ref_up + 1) / (new_n + ref_n + 2)
+    variance = p * (1 - p) * (1 / new_n + 1 / ref_n)
+    d = new_up / new_n - ref_up / ref_n
+    return effect * d / variance - effect**2 / (2 * variance)
+
+
+class Outcome(StrEnum):
+    CONTINUE = "continue"  # neither boundary crossed: keep collecting
+    PROMOTE = "promote"  # log Λ ≥ log((1 − β)/α): the canary is better than live
+    REJECT = "reject"  # log Λ ≤ log(β/(1 − α)): evidence it is not better by canary_effect
+    CAP = "cap"  # canary_max_ratings reached with neither: rejected for want of evidence
+
+
 @dataclass(frozen=True)
-class Comparison:
-    """One-sided two-proportion z-test of H1: thumbs-up rate(new) < rate(reference), pooled standard error."""
+class CanaryRule:
+    """Wald's SPRT of H0 "canary = live" against H1 "canary = live + effect", truncated at ``max_ratings``."""
 
-    new_up: int
-    new_n: int
-    reference_up: int
-    reference_n: int
-    z: float
-    p_value: float  # P(Z ≤ z) under H0 (equal rates): small when ``new`` is clearly worse
+    alpha: float  # P(promote | H0), before truncation and approximation
+    beta: float  # P(reject | H1)
+    effect: float
+    min_ratings: int  # each side, before the first look (the variance is estimated)
+    max_ratings: int  # both sides together
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    @classmethod
+    def from_settings(cls, settings: Settings) -> CanaryRule:
+        return cls(settings.canary_alpha, settings.canary_beta, settings.canary_effect,
+                   settings.canary_min_ratings, settings.canary_max_ratings)
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """(reject below, promote above) for log Λ."""
+        return math.log(self.beta / (1 - self.alpha)), math.log((1 - self.beta) / self.alpha)
 
 
-def compare(new: Thumbs, reference: Thumbs) -> Comparison:
-    if not new.n or not reference.n:
-        raise ValueError("both sides need at least one rating")
-    pooled = (new.up + reference.up) / (new.n + reference.n)
-    se = math.sqrt(pooled * (1 - pooled) * (1 / new.n + 1 / reference.n))
-    z = (new.up / new.n - reference.up / reference.n) / se if se > 0 else 0.0  # se 0: both all-up or all-down
-    return Comparison(new.up, new.n, reference.up, reference.n, z, NormalDist().cdf(z))
+def canary_outcome(new_up, new_n, live_up, live_n, rule: CanaryRule) -> np.ndarray:
+    """The decision at one look, elementwise: an array of ``Outcome`` values."""
+    new_up, new_n, live_up, live_n = np.broadcast_arrays(*map(np.asarray, (new_up, new_n, live_up, live_n)))
+    ready = (new_n >= rule.min_ratings) & (live_n >= rule.min_ratings)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_lr = difference_log_lr(new_up, new_n, live_up, live_n, rule.effect)
+    reject_below, promote_above = rule.bounds
+    return np.select(
+        [ready & (log_lr >= promote_above), ready & (log_lr <= reject_below), new_n + live_n >= rule.max_ratings],
+        [Outcome.PROMOTE, Outcome.REJECT, Outcome.CAP], Outcome.CONTINUE,
+    )
+
+
+@dataclass(frozen=True)
+class RollbackRule:
+    """One-sided open SPRT of H0 "new = reference" against H1 "new = reference − effect": by Ville's inequality
+    the likelihood ratio ever reaches 1/α with probability at most α under H0, however often it is looked at."""
+
+    alpha: float
+    effect: float
+    min_ratings: int  # each side, before the first look
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RollbackRule:
+        return cls(settings.rollback_alpha, settings.rollback_effect, settings.rollback_min_ratings)
+
+
+def rollback_due(new_up, new_n, ref_up, ref_n, rule: RollbackRule) -> np.ndarray:
+    """Whether the new version's drop is established, elementwise."""
+    new_up, new_n, ref_up, ref_n = np.broadcast_arrays(*map(np.asarray, (new_up, new_n, ref_up, ref_n)))
+    ready = (new_n >= rule.min_ratings) & (ref_n >= rule.min_ratings)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_lr = difference_log_lr(new_up, new_n, ref_up, ref_n, -rule.effect)
+    return ready & (log_lr >= math.log(1 / rule.alpha))
 
 
 class Promoter:
@@ -119,21 +180,24 @@ class Promoter:
         if routing.canary is None:
             return
         canary = self.registry.get(routing.canary)
-        counts = self.registry.thumbs([canary.name, routing.live], since=canary.state_changed_at, until=now)
+        counts = self._deciding_thumbs([canary.name, routing.live], since=canary.state_changed_at, until=now)
         new, live = counts.get(canary.name, Thumbs()), counts.get(routing.live, Thumbs())
-        if min(new.n, live.n) < self.settings.canary_min_ratings:
+        rule = CanaryRule.from_settings(self.settings)
+        outcome = Outcome(canary_outcome(new.up, new.n, live.up, live.n, rule).item())
+        if outcome is Outcome.CONTINUE:
             return
-        test = compare(new, live)
-        alpha = self.settings.canary_alpha
-        details = {**test.to_dict(), "alpha": alpha, "live": routing.live}
-        verdict = _verdict(new, live, test, alpha, "live")
-        if test.p_value < alpha:
-            self.registry.reject(canary.name, actor=CANARY_ACTOR, reason=verdict, details=details,
-                                 expect=State.CANARY)
-        else:
-            self.registry.promote(canary.name, actor=CANARY_ACTOR, reason=verdict, details=details,
+        details = {**_counts(new, live), "live": routing.live, "outcome": outcome.value,
+                   "log_lr": _log_lr(new, live, rule.effect), "bounds": list(rule.bounds), "alpha": rule.alpha,
+                   "beta": rule.beta, "effect": rule.effect, "max_ratings": rule.max_ratings,
+                   "max_ratings_per_user": self.settings.max_ratings_per_user}
+        reason = _canary_reason(outcome, new, live, rule)
+        if outcome is Outcome.PROMOTE:
+            self.registry.promote(canary.name, actor=CANARY_ACTOR, reason=reason, details=details,
                                   expect=State.CANARY)
-        log.info("canary %s: %s", canary.name, verdict)
+        else:
+            self.registry.reject(canary.name, actor=CANARY_ACTOR, reason=reason, details=details,
+                                 expect=State.CANARY)
+        log.info("canary %s: %s", canary.name, reason)
 
     def _watch_rollback(self, now: datetime) -> None:
         live = self.registry.live(self.kind)
@@ -141,19 +205,28 @@ class Promoter:
             return
         promoted_at = _utc(live.state_changed_at)
         window = timedelta(seconds=self.settings.rollback_window_s)
-        new = self.registry.thumbs([live.name], since=promoted_at, until=now).get(live.name, Thumbs())
-        before = self.registry.thumbs([live.predecessor], since=promoted_at - (now - promoted_at),
-                                      until=promoted_at).get(live.predecessor, Thumbs())
-        if min(new.n, before.n) < self.settings.rollback_min_ratings:
+        new = self._deciding_thumbs([live.name], since=promoted_at, until=now).get(live.name, Thumbs())
+        before = self._deciding_thumbs([live.predecessor], since=promoted_at - window,
+                                       until=promoted_at).get(live.predecessor, Thumbs())
+        rule = RollbackRule.from_settings(self.settings)
+        if not rollback_due(new.up, new.n, before.up, before.n, rule):
             return
-        test = compare(new, before)
-        alpha = self.settings.rollback_alpha
-        if test.p_value < alpha:
-            verdict = _verdict(new, before, test, alpha, "its predecessor")
-            self.registry.rollback(self.kind, actor=ROLLBACK_ACTOR, reason=verdict, expect_live=live.name,
-                                   details={**test.to_dict(), "alpha": alpha, "predecessor": live.predecessor,
-                                            "window_s": window.total_seconds()})
-            log.warning("rolled back %s: %s", live.name, verdict)
+        reason = (f"thumbs-up {_rate(new)} (n={new.n}) fell below its predecessor's {_rate(before)} "
+                  f"(n={before.n}, the {window.total_seconds():.0f} s before its promotion): the likelihood ratio "
+                  f"of a drop of {rule.effect} reached 1/alpha = {1 / rule.alpha:.0f}")
+        self.registry.rollback(self.kind, actor=ROLLBACK_ACTOR, reason=reason, expect_live=live.name,
+                               details={**_counts(new, before), "predecessor": live.predecessor,
+                                        "log_lr": _log_lr(new, before, -rule.effect), "alpha": rule.alpha,
+                                        "effect": rule.effect, "window_s": window.total_seconds(),
+                                        "max_ratings_per_user": self.settings.max_ratings_per_user})
+        log.warning("rolled back %s: %s", live.name, reason)
+
+    def _deciding_thumbs(self, versions: list[str | None], *, since: datetime,
+                         until: datetime) -> dict[str | None, Thumbs]:
+        """The ratings a decision may count: requested through the alias (pinned requests chose their version),
+        identified users only, each user's first ``max_ratings_per_user`` rated completions per version."""
+        return self.registry.thumbs(versions, since=since, until=until, requested_model=self.settings.model_alias,
+                                    max_per_user=self.settings.max_ratings_per_user)
 
     def _newly_promoted(self, live: AdapterVersion, now: datetime) -> bool:
         """Within the rollback window of a real promotion (not of a rollback's return to a retired version)."""
@@ -172,12 +245,57 @@ class Promoter:
             self._advance(waiting[0].name)
 
 
-def _verdict(new: Thumbs, reference: Thumbs, test: Comparison, alpha: float, what: str) -> str:
-    relation = "significantly below" if test.p_value < alpha else "not significantly below"
-    return (f"thumbs-up {new.rate:.3f} (n={new.n}) {relation} {what}'s {reference.rate:.3f} (n={reference.n}): "
-            f"z={test.z:.2f}, one-sided p={test.p_value:.3g}, alpha={alpha}")
+def _counts(new: Thumbs, reference: Thumbs) -> dict:
+    return {"new_up": new.up, "new_n": new.n, "reference_up": reference.up, "reference_n": reference.n}
+
+
+def _log_lr(new: Thumbs, reference: Thumbs, effect: float) -> float | None:
+    return float(difference_log_lr(new.up, new.n, reference.up, reference.n, effect)) if new.n and reference.n else None
+
+
+def _rate(thumbs: Thumbs) -> str:
+    return "-" if thumbs.rate is None else f"{thumbs.rate:.3f}"
+
+
+def _canary_reason(outcome: Outcome, new: Thumbs, live: Thumbs, rule: CanaryRule) -> str:
+    rates = f"thumbs-up {_rate(new)} (n={new.n}) against live's {_rate(live)} (n={live.n})"
+    return {
+        Outcome.PROMOTE: f"{rates}: better than live (SPRT, alpha={rule.alpha}, beta={rule.beta})",
+        Outcome.REJECT: f"{rates}: not better than live by {rule.effect} (SPRT, alpha={rule.alpha}, beta={rule.beta})",
+        Outcome.CAP: f"{rates}: no evidence either way within {rule.max_ratings} ratings",
+    }[outcome]
 
 
 def _utc(moment: datetime) -> datetime:
     """SQLite hands back naive datetimes; every timestamp liveloop writes is UTC."""
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+# --- binomial simulation of the rules (tests/core/test_promotion.py, bench/canary.py) ----------------------------
+
+
+def simulate_canaries(p_canary: float, p_live: float, rule: CanaryRule, *, fraction: float, canaries: int,
+                      seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``canaries`` independent canaries whose ratings arrive one at a time, each on the canary side with
+    probability ``fraction`` and up with that side's rate; ``canary_outcome`` looks after every rating (the most
+    often production can look). Returns each canary's outcome and the ratings (both sides) it took."""
+    rng = np.random.default_rng(seed)
+    on_canary = rng.random((canaries, rule.max_ratings)) < fraction  # (C, N)
+    up = rng.random((canaries, rule.max_ratings)) < np.where(on_canary, p_canary, p_live)
+    new_n = np.cumsum(on_canary, axis=1)
+    live_n = np.arange(1, rule.max_ratings + 1) - new_n
+    outcomes = canary_outcome(np.cumsum(up & on_canary, axis=1), new_n, np.cumsum(up & ~on_canary, axis=1),
+                              live_n, rule)  # (C, N); the last column is decided (CAP at the latest)
+    first = np.argmax(outcomes != Outcome.CONTINUE, axis=1)
+    return outcomes[np.arange(canaries), first], first + 1
+
+
+def simulate_rollbacks(p_new: float, p_reference: float, rule: RollbackRule, *, reference_n: int, watched: int,
+                       runs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``runs`` promotions: a reference of ``reference_n`` ratings, then up to ``watched`` ratings of the new
+    version, ``rollback_due`` looked at after each. Returns whether each rolled back and after how many ratings."""
+    rng = np.random.default_rng(seed)
+    reference_up = rng.binomial(reference_n, p_reference, size=(runs, 1))  # (R, 1)
+    new_up = np.cumsum(rng.random((runs, watched)) < p_new, axis=1)  # (R, W)
+    due = rollback_due(new_up, np.arange(1, watched + 1), reference_up, reference_n, rule)
+    return due.any(axis=1), np.argmax(due, axis=1) + 1

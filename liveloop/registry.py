@@ -208,23 +208,38 @@ class Registry:
         return self.store.path(version.uri)
 
     def thumbs(self, versions: Iterable[str | None] | None = None, *, since: datetime | None = None,
-               until: datetime | None = None) -> dict[str | None, Thumbs]:
+               until: datetime | None = None, requested_model: str | None = None,
+               max_per_user: int | None = None) -> dict[str | None, Thumbs]:
         """Live ratings of the completions each version served (None: the base model), all versions when
-        ``versions`` is None, counting completions created in [since, until). A change of mind counts once,
-        as the completion's latest rating."""
-        query = (
-            select(Completion.adapter_version, Feedback.rating, func.count())
+        ``versions`` is None, counting completions created in [since, until). A completion counts once, as its
+        latest rating: a change of mind replaces the earlier one.
+
+        ``requested_model``: only completions asked for by this name (the alias: not pinned to a version).
+        ``max_per_user``: only completions of an identified user (``user_identity``), at most this many per user
+        and version, the earliest ones, so that no one user outweighs the rest.
+        """
+        rated = (
+            select(Completion.adapter_version.label("version"), Feedback.rating.label("rating"))
             .join(Feedback, and_(Feedback.completion_id == Completion.id, current_rating()))
-            .group_by(Completion.adapter_version, Feedback.rating)
         )
         if versions is not None:
             names = list(versions)
             named = Completion.adapter_version.in_([n for n in names if n is not None])
-            query = query.where(or_(named, Completion.adapter_version.is_(None)) if None in names else named)
+            rated = rated.where(or_(named, Completion.adapter_version.is_(None)) if None in names else named)
         if since is not None:
-            query = query.where(Completion.created_at >= since)
+            rated = rated.where(Completion.created_at >= since)
         if until is not None:
-            query = query.where(Completion.created_at < until)
+            rated = rated.where(Completion.created_at < until)
+        if requested_model is not None:
+            rated = rated.where(Completion.requested_model == requested_model)
+        if max_per_user is not None:
+            nth = func.row_number().over(partition_by=(Completion.adapter_version, user_identity()),
+                                         order_by=(Completion.created_at, Completion.id))
+            rated = rated.add_columns(nth.label("nth")).where(user_identity().is_not(None))
+        rows = rated.subquery()
+        query = select(rows.c.version, rows.c.rating, func.count()).group_by(rows.c.version, rows.c.rating)
+        if max_per_user is not None:
+            query = query.where(rows.c.nth <= max_per_user)
         counts: dict[str | None, dict[str, int]] = {}
         with self._sessions() as session:
             for version, rating, n in session.execute(query):
@@ -414,6 +429,12 @@ def current_rating() -> ColumnElement[bool]:
     """SQL condition on ``Feedback``: the row is its completion's latest rating (a change of mind replaces it)."""
     newer = aliased(Feedback)
     return ~exists().where(newer.completion_id == Feedback.completion_id, newer.revision > Feedback.revision)
+
+
+def user_identity() -> ColumnElement[str | None]:
+    """Who a completion counts for: the API key's identity; the request's ``user`` field only when no keys are
+    configured (then ``user_id`` is empty). The same identity picks the canary slice (``serving.chat``)."""
+    return func.coalesce(Completion.user_id, Completion.end_user)
 
 
 def _events_since(line: list[AdapterVersion], ancestor: str | None) -> int:

@@ -151,18 +151,44 @@ class Settings(BaseSettings):
         "auto", description="auto: passing the gates starts a canary (or promotes); manual: an engineer promotes."
     )
     canary_fraction: float = Field(
-        0.1, ge=0, lt=1, description="Share of users (stable hash of the user id) served the canary; 0 disables."
+        0.5, ge=0, lt=1,
+        description="Share of users (stable hash of the user id) served the canary; 0 disables. 0.5 is an A/B test: "
+                    "an even split needs the fewest ratings for a decision, so a small user base still gets one.",
     )
-    canary_min_ratings: int = Field(50, ge=1, description="Ratings each side needs before the canary is decided.")
+    canary_effect: float = Field(
+        0.1, gt=0, lt=1,
+        description="H1 of the canary's SPRT: the canary's thumbs-up rate exceeds live's by this much (H0: equal).",
+    )
     canary_alpha: float = Field(
-        0.05, gt=0, lt=1, description="Significance of the one-sided test 'canary thumbs-up rate < live's'."
+        0.005, gt=0, lt=0.5,
+        description="Nominal probability of promoting a canary no better than live (README: measured rates).",
+    )
+    canary_beta: float = Field(
+        0.1, gt=0, lt=0.5,
+        description="Nominal probability of rejecting a canary better by canary_effect (the cap adds to it).",
+    )
+    canary_min_ratings: int = Field(
+        20, ge=1, description="Ratings each side needs before the first look (the test estimates the variance)."
+    )
+    canary_max_ratings: int = Field(
+        1600, ge=2,
+        description="Ratings of both sides together after which a canary still undecided is rejected (no evidence).",
+    )
+    max_ratings_per_user: int = Field(
+        200, ge=1,
+        description="Most ratings one user counts for per side of a canary or rollback decision (the first ones).",
     )
     rollback_window_s: float = Field(
-        86_400, gt=0, description="How long after a promotion its thumbs-up rate is watched for a rollback."
+        86_400, gt=0,
+        description="How long after a promotion a drop is watched for; the predecessor's ratings in the same length "
+                    "of time before the promotion are the reference.",
     )
-    rollback_min_ratings: int = Field(50, ge=1, description="Ratings each side needs before a rollback decision.")
+    rollback_effect: float = Field(
+        0.1, gt=0, lt=1, description="H1 of the rollback SPRT: the new version's thumbs-up rate is this much lower."
+    )
+    rollback_min_ratings: int = Field(30, ge=1, description="Ratings each side needs before the first rollback look.")
     rollback_alpha: float = Field(
-        0.01, gt=0, lt=1, description="Significance of 'new version's thumbs-up rate < its predecessor's'."
+        0.01, gt=0, lt=1, description="Probability of rolling back a version no worse than its predecessor."
     )
     promotion_interval_s: float = Field(
         30.0, gt=0, description="How often the promotion monitor decides canaries and checks for rollbacks."
@@ -192,6 +218,12 @@ class Settings(BaseSettings):
             raise ValueError("LIVELOOP_KAFKA_HEARTBEAT_INTERVAL_MS must be below LIVELOOP_KAFKA_SESSION_TIMEOUT_MS")
         if self.kafka_delivery_timeout_ms < self.kafka_request_timeout_ms + 100:  # a delivery = batching + request
             raise ValueError("LIVELOOP_KAFKA_DELIVERY_TIMEOUT_MS must exceed LIVELOOP_KAFKA_REQUEST_TIMEOUT_MS by 100+")
+        return self
+
+    @model_validator(mode="after")
+    def _check_canary(self) -> Settings:
+        if self.canary_max_ratings < 2 * self.canary_min_ratings:
+            raise ValueError("LIVELOOP_CANARY_MAX_RATINGS must be at least twice LIVELOOP_CANARY_MIN_RATINGS")
         return self
 
     @model_validator(mode="after")

@@ -85,11 +85,14 @@ class AdapterSet:
     def set_live(self, name: str | None) -> None:
         self.switch(live=name, canary=self.canary)
 
-    def resolve(self, model: str, user: str | None = None) -> Resolved:
+    def resolve(self, model: str, identity: str | None = None) -> Resolved:
+        """What serves ``model``. Only the alias is routed by ``identity`` (the caller's API-key identity, or the
+        request's ``user`` on an open API; None never gets the canary): a request that names a version or the
+        base model is pinned to it, and the canary and rollback statistics leave it out."""
         routing = self._routing  # one read: the whole resolution sees one routing
         if model == self.alias:
             chosen = routing.live
-            if routing.canary is not None and in_canary(user, routing.canary, self.canary_fraction):
+            if routing.canary is not None and in_canary(identity, routing.canary, self.canary_fraction):
                 chosen = routing.canary
             return Resolved(chosen, chosen or self.base_model_id)
         if model == self.base_model_id:

@@ -68,7 +68,9 @@ class ChatService:
 
     def start(self, request: ChatCompletionRequest, *, user_id: str | None) -> Generation:
         """Validate, tokenize, pin the adapter version and submit; every refusal happens here, before streaming."""
-        resolved = self.adapters.resolve(request.model, request.user or user_id)
+        # the API key's identity, so that a client cannot pick its canary slice through `user`; that field only
+        # identifies users of an open API (no keys configured), as liveloop.registry.user_identity counts them
+        resolved = self.adapters.resolve(request.model, user_id if user_id is not None else request.user)
         prompt_ids = self._prompt_ids(request)
         params = request.sampling_params(self._max_tokens(request, len(prompt_ids)))
         try:

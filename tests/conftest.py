@@ -148,15 +148,19 @@ def registry(registry_db: RegistryDB) -> Registry:
 @pytest.fixture
 def rate(registry_db: RegistryDB):
     """Add completions served by ``version`` (None: the base model) with ``up`` and ``down`` current ratings:
-    ``rate(version, up=, down=, at=datetime, changed_mind=0)``; ``changed_mind`` of the downs were first ups."""
+    ``rate(version, up=, down=, at=datetime, changed_mind=0, user=…, end_user=None, requested_model="liveloop")``;
+    ``changed_mind`` of the downs were first ups. Each completion has a user of its own (``user-<i>``) unless
+    ``user`` names one for all (None: no API-key identity)."""
 
     def add(version: str | None, *, up: int = 0, down: int = 0, at: datetime | None = None,
-            changed_mind: int = 0) -> None:
+            changed_mind: int = 0, user: str | None = "", end_user: str | None = None,
+            requested_model: str = "liveloop") -> None:
         at = at or utcnow()
         with registry_db.sessions.begin() as session:
             for i, rating in enumerate(["up"] * up + ["down"] * down):
                 completion = Completion(
-                    id=uuid.uuid4().hex, created_at=at, user_id=f"user-{i}", requested_model="liveloop",
+                    id=uuid.uuid4().hex, created_at=at, user_id=f"user-{i}" if user == "" else user,
+                    end_user=end_user, requested_model=requested_model,
                     adapter_version=version, messages=[{"role": "user", "content": "hi"}], prompt_token_ids=[1],
                     response_token_ids=[2], response_text="hello", behaviour_logprobs=[-0.5],
                     sampling_params={}, dtype="float32", finish_reason="stop", prompt_tokens=1,

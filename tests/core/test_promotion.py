@@ -1,12 +1,24 @@
 from __future__ import annotations
 
+import math
 import threading
 from datetime import timedelta
 
+import numpy as np
 import pytest
 
-from liveloop.promotion import Promoter, compare, in_canary
-from liveloop.registry import State, Thumbs
+from liveloop.promotion import (
+    CanaryRule,
+    Outcome,
+    Promoter,
+    RollbackRule,
+    canary_outcome,
+    difference_log_lr,
+    in_canary,
+    simulate_canaries,
+    simulate_rollbacks,
+)
+from liveloop.registry import State
 from liveloop.tables import utcnow
 
 
@@ -18,19 +30,61 @@ def approve(registry, make_adapter_dir, name: str, seed: int = 0) -> None:
 @pytest.fixture
 def promoter(registry, make_settings):
     def make(**overrides) -> Promoter:
-        settings = make_settings(**{"canary_fraction": 0.1, "canary_min_ratings": 100, "rollback_min_ratings": 100,
-                                    **overrides})
-        return Promoter(registry, settings)
+        return Promoter(registry, make_settings(**overrides))
 
     return make
 
 
-def test_z_test_matches_hand_computed_values():
-    test = compare(Thumbs(up=40, down=60), Thumbs(up=60, down=40))
-    # pooled p = 0.5, se = sqrt(0.25 · (1/100 + 1/100)) = 0.0707; z = -0.2 / 0.0707 = -2.828
-    assert test.z == pytest.approx(-2.8284, abs=1e-4) and test.p_value == pytest.approx(0.002339, abs=1e-5)
-    assert compare(Thumbs(up=60, down=40), Thumbs(up=40, down=60)).p_value == pytest.approx(1 - 0.002339, abs=1e-5)
-    assert compare(Thumbs(up=10), Thumbs(up=5)).p_value == 0.5  # both all-up: no evidence either way
+@pytest.fixture
+def defaults(make_settings):
+    return make_settings()
+
+
+def test_log_likelihood_ratio_matches_hand_computed_values():
+    # pooled p = (75 + 40 + 1) / 202 = 0.57426; V = p(1-p)(1/100 + 1/100) = 0.0048897; d = 0.35
+    # log Λ = 0.1 · 0.35 / V − 0.01 / (2V) = 7.1578 − 1.0225
+    assert difference_log_lr(75, 100, 40, 100, 0.1) == pytest.approx(6.1353, abs=1e-3)
+    # equal rates: d = 0, p = 81/202, V = 0.0048036, log Λ = −0.01 / (2V)
+    assert difference_log_lr(40, 100, 40, 100, 0.1) == pytest.approx(-1.0409, abs=1e-3)
+    assert math.isfinite(difference_log_lr(20, 20, 20, 20, 0.1))  # all up on both sides: V stays positive
+
+
+def test_canary_outcome_follows_walds_boundaries():
+    rule = CanaryRule(alpha=0.005, beta=0.1, effect=0.1, min_ratings=20, max_ratings=400)
+    reject_below, promote_above = rule.bounds
+    assert (reject_below, promote_above) == pytest.approx((math.log(0.1 / 0.995), math.log(0.9 / 0.005)))
+    assert canary_outcome(75, 100, 40, 100, rule) == Outcome.PROMOTE
+    assert canary_outcome(30, 100, 60, 100, rule) == Outcome.REJECT
+    assert canary_outcome(10, 20, 10, 20, rule) == Outcome.CONTINUE
+    assert canary_outcome(19, 19, 0, 100, rule) == Outcome.CONTINUE  # too few canary ratings to look
+    assert canary_outcome(105, 200, 100, 200, rule) == Outcome.CAP
+    batch = canary_outcome(np.array([75, 30]), 100, np.array([40, 60]), 100, rule)
+    assert list(batch) == [Outcome.PROMOTE, Outcome.REJECT]
+
+
+@pytest.mark.parametrize(("p_canary", "p_live", "wanted", "at_least"), [
+    (0.3, 0.3, Outcome.PROMOTE, None),  # random raters: promoted in < 1 %
+    (0.4, 0.3, Outcome.PROMOTE, 0.80),  # 10 points better: promoted in ≥ 80 %
+    (0.2, 0.3, Outcome.REJECT, 0.95),  # 10 points worse: rejected in ≥ 95 %
+])
+def test_simulated_canaries_meet_the_error_rates_at_the_defaults(defaults, p_canary, p_live, wanted, at_least):
+    rule = CanaryRule.from_settings(defaults)
+    outcomes, ratings = simulate_canaries(p_canary, p_live, rule, fraction=defaults.canary_fraction,
+                                          canaries=1000, seed=14)
+    share = float(np.mean(outcomes == wanted))
+    if at_least is None:
+        assert share < 0.01
+    else:
+        assert share >= at_least
+    assert not np.any(outcomes == Outcome.CONTINUE) and ratings.max() <= defaults.canary_max_ratings
+
+
+def test_simulated_rollbacks_are_rare_for_an_equal_version_and_usual_for_a_drop(defaults):
+    rule = RollbackRule.from_settings(defaults)
+    equal, _ = simulate_rollbacks(0.3, 0.3, rule, reference_n=400, watched=2000, runs=1000, seed=14)
+    drop, after = simulate_rollbacks(0.2, 0.3, rule, reference_n=400, watched=2000, runs=1000, seed=15)
+    assert equal.mean() < defaults.rollback_alpha and drop.mean() >= 0.8
+    assert np.median(after[drop]) < 500
 
 
 def test_canary_users_are_a_stable_fraction_chosen_per_canary():
@@ -46,7 +100,7 @@ def test_auto_policy_starts_a_canary_or_promotes_when_canary_is_off(registry, ma
     approve(registry, make_adapter_dir, "a")
     promoter().after_gates("a")
     assert registry.get("a").state == "canary"
-    assert registry.audit("a")[0].details == {"fraction": 0.1}
+    assert registry.audit("a")[0].details == {"fraction": 0.5}
     approve(registry, make_adapter_dir, "b", seed=1)
     promoter().after_gates("b")  # a canary is running: b waits
     assert registry.get("b").state == "approved"
@@ -63,27 +117,28 @@ def test_manual_policy_leaves_approved_versions_to_an_engineer(registry, make_ad
     assert registry.get("a").state == "approved"
 
 
-def test_a_canary_not_worse_than_live_is_promoted_with_its_statistics(registry, make_adapter_dir, promoter, rate):
+def test_a_canary_better_than_live_is_promoted_with_its_statistics(registry, make_adapter_dir, promoter, rate):
     approve(registry, make_adapter_dir, "live")
     registry.promote("live", actor="alice", reason="x")
     approve(registry, make_adapter_dir, "cand", seed=1)
     promoter().after_gates("cand")
-    rate("cand", up=48, down=51)
-    rate("live", up=50, down=50)
-    rate("live", up=0, down=100, at=utcnow() - timedelta(days=1))  # before the canary: not compared
+    rate("cand", up=70, down=30)
+    rate("live", up=40, down=60)
+    rate("live", up=100, at=utcnow() - timedelta(days=1))  # before the canary: not compared
     promoter().tick()
-    assert registry.get("cand").state == "canary"  # 100 ratings on the canary side are needed
-    rate("cand", up=1)
+    assert registry.get("cand").state == "canary"  # log Λ 5.05: not yet past log(0.9/0.005) = 5.19
+    rate("cand", up=5)
     promoter().tick()
     assert registry.routing().live == "cand" and registry.get("live").state == "retired"
     decision = registry.audit("cand")[0]
     assert (decision.actor, decision.from_state, decision.to_state) == ("canary", "canary", "promoted")
-    assert (decision.details["new_up"], decision.details["new_n"]) == (49, 100)
-    assert (decision.details["reference_up"], decision.details["reference_n"]) == (50, 100)
-    assert decision.details["p_value"] > 0.05 and "not significantly below" in decision.reason
+    assert (decision.details["new_up"], decision.details["new_n"]) == (75, 105)
+    assert (decision.details["reference_up"], decision.details["reference_n"]) == (40, 100)
+    assert decision.details["outcome"] == "promote" and decision.details["log_lr"] > decision.details["bounds"][1]
+    assert "better than live" in decision.reason
 
 
-def test_a_canary_significantly_worse_than_live_is_rejected(registry, make_adapter_dir, promoter, rate):
+def test_a_canary_not_better_than_live_is_rejected(registry, make_adapter_dir, promoter, rate):
     approve(registry, make_adapter_dir, "cand")
     promoter().after_gates("cand")
     rate("cand", up=30, down=70)
@@ -91,8 +146,37 @@ def test_a_canary_significantly_worse_than_live_is_rejected(registry, make_adapt
     promoter().tick()
     assert registry.get("cand").state == "rejected" and registry.routing().live is None
     decision = registry.audit("cand")[0]
-    assert decision.details["p_value"] < 0.05 and decision.details["live"] is None
-    assert "significantly below live's 0.600" in decision.reason
+    assert decision.details["outcome"] == "reject" and decision.details["live"] is None
+    assert "not better than live by 0.1" in decision.reason
+
+
+def test_a_canary_without_evidence_at_the_cap_is_rejected_and_says_so(registry, make_adapter_dir, promoter, rate):
+    approve(registry, make_adapter_dir, "cand")
+    promoter().after_gates("cand")
+    rate("cand", up=11, down=9)
+    rate(None, up=10, down=10)
+    promoter(canary_max_ratings=41).tick()
+    assert registry.get("cand").state == "canary"
+    promoter(canary_max_ratings=40).tick()
+    decision = registry.audit("cand")[0]
+    assert decision.to_state == "rejected" and decision.details["outcome"] == "cap"
+    assert "no evidence either way within 40 ratings" in decision.reason
+
+
+def test_pinned_anonymous_and_excess_ratings_do_not_decide_a_canary(registry, make_adapter_dir, promoter, rate):
+    approve(registry, make_adapter_dir, "cand")
+    promoter().after_gates("cand")
+    rate("cand", up=45, down=55)
+    rate(None, up=50, down=50)
+    rate("cand", up=500, requested_model="cand")  # asked for the canary by name
+    rate(None, down=500, requested_model="SmolLM2-135M-Instruct")  # asked for the base model by name
+    rate("cand", up=500, user=None)  # no identity: never in the canary slice
+    rate("cand", up=500, user="scripted")  # one key: counts for max_ratings_per_user
+    promoter(max_ratings_per_user=5).tick()
+    assert registry.get("cand").state == "canary"
+    assert registry.thumbs(["cand"])["cand"].n == 1600  # what `adapters list` shows still counts everything
+    promoter().tick()  # 200 of the scripted key's ratings do count by default: a handful of users is not enough
+    assert registry.routing().live == "cand"
 
 
 def test_the_next_approved_version_starts_its_canary_when_one_ends(registry, make_adapter_dir, promoter, rate):
@@ -123,25 +207,33 @@ def test_a_new_version_whose_thumbs_drop_is_rolled_back(registry, make_adapter_d
     assert registry.routing().live == "old" and registry.get("new").state == "rolled_back"
     decision = registry.audit("new")[0]
     assert (decision.actor, decision.details["predecessor"]) == ("rollback-monitor", "old")
-    assert decision.details["p_value"] < 0.01 and decision.details["new_n"] == 100
+    assert decision.details["log_lr"] >= math.log(100) and decision.details["new_n"] == 100
     promoter().tick(now=utcnow() + timedelta(hours=1))  # 'old' came back by rollback: not watched
     assert registry.routing().live == "old"
 
 
-def test_no_rollback_without_a_significant_drop_or_after_the_window(registry, make_adapter_dir, promoter, rate):
+def test_no_rollback_without_evidence_of_a_drop_or_after_the_window(registry, make_adapter_dir, promoter, rate):
     promote_over(registry, make_adapter_dir, rate, before=(70, 30), after=(40, 60))
     promoter(rollback_window_s=3600).tick(now=utcnow() + timedelta(hours=2))  # the window has closed
-    promoter(rollback_alpha=1e-12).tick(now=utcnow() + timedelta(minutes=50))  # not significant enough
+    promoter(rollback_alpha=1e-12).tick(now=utcnow() + timedelta(minutes=50))  # not enough evidence for that
     promoter(rollback_min_ratings=101).tick(now=utcnow() + timedelta(minutes=50))  # too few ratings
+    promoter(rollback_window_s=600).tick(now=utcnow() + timedelta(minutes=5))  # the reference is before 'old' was rated
     assert registry.routing().live == "new"
     assert registry.audit("new")[0].to_state == State.PROMOTED
+
+
+def test_no_rollback_for_a_new_version_as_good_as_its_predecessor(registry, make_adapter_dir, promoter, rate):
+    promote_over(registry, make_adapter_dir, rate, before=(70, 30), after=(66, 34))
+    for minutes in (10, 20, 30, 40):  # many looks at the same evidence
+        promoter().tick(now=utcnow() + timedelta(minutes=minutes))
+    assert registry.routing().live == "new"
 
 
 def test_monitors_in_several_processes_decide_a_canary_once(registry, make_adapter_dir, promoter, rate):
     approve(registry, make_adapter_dir, "cand")
     promoter().after_gates("cand")
-    rate("cand", up=50, down=50)
-    rate(None, up=50, down=50)
+    rate("cand", up=75, down=25)
+    rate(None, up=40, down=60)
     monitors = [promoter() for _ in range(4)]
     barrier = threading.Barrier(len(monitors))
 

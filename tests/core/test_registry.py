@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import select
 
 from liveloop.adapters import WEIGHTS, AdapterArtifactError
-from liveloop.registry import IllegalTransition, Kind, Lineage, NameTaken, Registry, State, UnknownVersion
+from liveloop.registry import IllegalTransition, Kind, Lineage, NameTaken, Registry, State, Thumbs, UnknownVersion
 from liveloop.tables import AdapterTransition, OutboxMessage, utcnow
 
 
@@ -200,6 +200,22 @@ def test_thumbs_count_each_completion_once_by_version_and_time(registry, make_ad
     assert counts["v1"].rate == pytest.approx(0.6)
     assert registry.thumbs(["v1"])["v1"].up == 8
     assert set(registry.thumbs()) == {"v1", None}
+
+
+def test_deciding_thumbs_leave_out_pinned_requests_and_cap_each_user(registry, make_adapter_dir, rate):
+    registry.register("v1", make_adapter_dir("v1"))
+    now = utcnow()
+    rate("v1", up=3, down=3, changed_mind=3, user="alice", at=now - timedelta(minutes=2))  # alice's first six
+    rate("v1", up=10, user="alice", at=now - timedelta(minutes=1))  # beyond her cap
+    rate("v1", down=4, user=None, end_user="bob")  # an open API: the request's `user` field identifies
+    rate("v1", up=7, user=None)  # no identity at all
+    rate("v1", up=9, requested_model="v1")  # pinned to v1 by name
+    assert registry.thumbs(["v1"])["v1"] == Thumbs(up=29, down=7)
+    assert registry.thumbs(["v1"], requested_model="liveloop")["v1"] == Thumbs(up=20, down=7)
+    # alice: her six earliest completions, each once as its latest rating (3 down, 3 up); bob: 4 down
+    deciding = registry.thumbs(["v1"], requested_model="liveloop", max_per_user=6)
+    assert deciding["v1"] == Thumbs(up=3, down=7)
+    assert registry.thumbs(["v1", None], requested_model="liveloop", max_per_user=100)["v1"] == Thumbs(up=13, down=7)
 
 
 def test_audit_log_is_append_only_history(registry_db, make_adapter_dir):
