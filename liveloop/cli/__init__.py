@@ -8,6 +8,7 @@ import typer
 
 from liveloop.cli import adapters as adapter_commands
 from liveloop.cli import feedback as feedback_commands
+from liveloop.cli import simulate as simulate_commands
 from liveloop.cli import trainer as trainer_commands
 from liveloop.settings import Settings
 
@@ -17,6 +18,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(feedback_commands.app)  # relay, replay, broker
 app.add_typer(adapter_commands.app, name="adapters")  # list, show, promote, reject, rollback, diff
 app.add_typer(trainer_commands.app)  # train
+app.add_typer(simulate_commands.app)  # simulate, simulate-base-rates, simulate-plot
 
 
 def _settings() -> Settings:

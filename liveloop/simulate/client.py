@@ -1,0 +1,116 @@
+"""The simulated users' side of the wire: liveloop's HTTP API, nothing else (chat, feedback, models, readiness,
+and the admin adapter list when a token is given)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+ALIAS = "liveloop"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What every simulated chat and every evaluation asks for. Short answers keep a 2,000-rating run within
+    an hour on a 2-core CPU; 0.7 keeps the small model coherent while leaving it room to vary."""
+
+    max_tokens: int = 48
+    temperature: float = 0.7
+    top_p: float = 1.0
+
+
+@dataclass(frozen=True)
+class Answer:
+    completion_id: str
+    text: str
+    model: str  # the version that served it (the response's `model` field)
+    finish_reason: str
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Routing:
+    base_model: str
+    live: str | None  # None: the base model is live
+    canary: str | None
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, body: str):
+        super().__init__(f"HTTP {status}: {body[:300]}")
+        self.status = status
+
+
+class LiveloopClient:
+    """One HTTP connection pool to a liveloop API; every call is a coroutine."""
+
+    def __init__(self, base_url: str, *, api_key: str | None = None, admin_token: str | None = None,
+                 timeout_s: float = 600.0, max_retries: int = 20):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s,
+                                      limits=httpx.Limits(max_connections=256, max_keepalive_connections=256))
+        self.admin_token, self.max_retries = admin_token, max_retries
+
+    async def __aenter__(self) -> LiveloopClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.http.aclose()
+
+    async def chat(self, prompt: str, *, model: str, params: SamplingParams, user: str | None = None,
+                   seed: int | None = None) -> Answer:
+        body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": params.max_tokens,
+                "temperature": params.temperature, "top_p": params.top_p}
+        if user is not None:
+            body["user"] = user
+        if seed is not None:
+            body["seed"] = seed
+        data = await self._post("/v1/chat/completions", body, expect=200)
+        choice = data["choices"][0]
+        return Answer(data["id"], choice["message"]["content"], data["model"], choice["finish_reason"],
+                      data["usage"]["completion_tokens"])
+
+    async def feedback(self, completion_id: str, rating: str, *, feedback_id: str) -> dict:
+        return await self._post("/v1/feedback", {"completion_id": completion_id, "rating": rating,
+                                                 "feedback_id": feedback_id}, expect=202)
+
+    async def routing(self) -> Routing:
+        ready = await self._get("/readyz")
+        return Routing(ready["model"], ready["live_version"], ready["canary_version"])
+
+    async def models(self) -> list[dict]:
+        return (await self._get("/v1/models"))["data"]
+
+    async def adapters(self) -> list[dict] | None:
+        """The registry's policy versions (``GET /admin/adapters``); None without an admin token."""
+        if self.admin_token is None:
+            return None
+        data = await self._get("/admin/adapters", headers={"Authorization": f"Bearer {self.admin_token}"})
+        return data["data"]
+
+    async def _get(self, path: str, headers: dict | None = None) -> dict:
+        response = await self.http.get(path, headers=headers)
+        if response.status_code != 200:
+            raise ApiError(response.status_code, response.text)
+        return response.json()
+
+    async def _post(self, path: str, body: dict, *, expect: int) -> dict:
+        """POST, waiting out 429s (``Retry-After``) and dropped connections; any other status raises."""
+        for attempt in range(self.max_retries):
+            try:
+                response = await self.http.post(path, json=body)
+            except httpx.TransportError as exc:
+                log.warning("%s failed (%s); retrying", path, type(exc).__name__)
+                await asyncio.sleep(min(2**attempt, 10))
+                continue
+            if response.status_code == expect:
+                return response.json()
+            if response.status_code != 429:
+                raise ApiError(response.status_code, response.text)
+            await asyncio.sleep(float(response.headers.get("Retry-After", "1")))
+        raise ApiError(503, f"{path}: gave up after {self.max_retries} attempts")

@@ -1,0 +1,83 @@
+"""The learning curve of a simulation run (its JSON record) as a PNG.
+
+Top: the users' liked share per window of ratings (thumbs-up share, and the mean P(up) of the same answers),
+the pinned evaluations of the base model and of the live version (± one standard error) on the ratings axis,
+and a vertical line at each promotion. Bottom: which version served each rating.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+
+def windows(ratings: list[dict], size: int) -> tuple[list[float], list[float], list[float]]:
+    """Per consecutive window of ``size`` ratings: its middle rating index, thumbs-up share, mean P(up)."""
+    middles, shares, expected = [], [], []
+    for start in range(0, len(ratings) - size + 1, size):
+        chunk = ratings[start:start + size]
+        middles.append(start + size / 2)
+        shares.append(sum(r["rating"] == "up" for r in chunk) / size)
+        expected.append(sum(r["p_up"] for r in chunk) / size)
+    return middles, shares, expected
+
+
+def plot_run(record: dict, path: Path) -> None:
+    ratings, window = record["ratings"], record["config"]["window"]
+    fig, (ax, served) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True, gridspec_kw={"height_ratios": [4, 1]})
+    size = max(1, min(window, len(ratings)))
+    middles, shares, expected = windows(ratings, size)
+    ax.plot(middles, shares, "o-", color="tab:blue", label=f"users' thumbs-up share per {size} ratings")
+    ax.plot(middles, expected, "--", color="tab:blue", alpha=0.5, label="mean P(up) of the same answers")
+    _plot_evals(ax, record)
+    for event in record["events"]:
+        if event["kind"] == "promotion":
+            for axis in (ax, served):
+                axis.axvline(event["at_rating"], color="tab:red", linestyle=":", linewidth=1.5)
+            ax.annotate(f"live: {event['to'] or record['base_model']}", (event["at_rating"], 1.0),
+                        xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right", fontsize=7,
+                        color="tab:red")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("liked share")
+    ax.set_title(f"liveloop simulate: users who like {record['preference']['name']} answers "
+                 f"({len(ratings)} ratings, {record['config']['users']} concurrent users)")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    _plot_served(served, ratings)
+    served.set_xlabel("ratings")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_evals(ax, record: dict) -> None:
+    styles = {"base": ("tab:gray", "s"), "live": ("tab:green", "D"), "canary": ("tab:orange", "^"),
+              "candidate": ("tab:purple", "v")}
+    for role, (color, marker) in styles.items():
+        points = [e for e in record["evals"] if e["role"] == role]
+        if not points:
+            continue
+        label = f"pinned eval: {role} ({record['eval_prompts']} unseen prompts, mean P(up) ± s.e.)"
+        ax.errorbar([e["at_rating"] for e in points], [e["liked_share"] for e in points],
+                    yerr=[e["stderr"] for e in points], color=color, marker=marker, capsize=3,
+                    linestyle="-" if role == "live" else "none", label=label)
+    base = [e for e in record["evals"] if e["role"] == "base"]
+    if base:
+        ax.axhline(base[0]["liked_share"], color="tab:gray", linewidth=0.8, alpha=0.6)
+
+
+def _plot_served(ax, ratings: list[dict]) -> None:
+    """One tick per rating at the row of the version that served it; rows in order of first appearance."""
+    versions = list(dict.fromkeys(r["model"] for r in ratings))
+    for row, version in enumerate(versions):
+        xs = [i for i, r in enumerate(ratings) if r["model"] == version]
+        ax.scatter(xs, [row] * len(xs), marker="|", s=60, color=f"C{row % 10}")
+    ax.set_yticks(range(len(versions)), versions, fontsize=7)
+    ax.set_ylim(-0.7, max(len(versions), 1) - 0.3)
+    ax.set_ylabel("served by", fontsize=8)
