@@ -2,16 +2,16 @@
 
     python bench/ppo.py
 
-16 sequences × (40 prompt + 128 response) tokens on the packaged SmolLM2-135M (fp32), rank-16 LoRA, 4 epochs ×
-4 minibatches. Each variant runs in its own subprocess, so its peak RSS (``ru_maxrss``) is its own:
+16 sequences × (40 prompt + 128 response) tokens on the packaged SmolLM2-135M (fp32), rank-16 LoRA, the default
+PPOConfig's epochs and minibatches. Each variant runs in its own subprocess, so its peak RSS (``ru_maxrss``) is its own:
 
 - ``ours``: ``trainer.update.ppo_update`` with the default PPOConfig (LoRA on the upper half of the layers, the
   frozen lower half computed once per batch, chunked chosen-token log-probs, reference = adapter off);
 - ``ours-upper-quarter``, ``ours-all-layers``: the same with LoRA on the top quarter / on every layer, to show
   what the split trunk contributes;
 - ``naive``: the same update loop and math, but the model side written the straightforward way: LoRA on every
-  layer, a deep-copied base as the reference, the full forward per pass and a full-vocabulary log_softmax over
-  every position.
+  layer, a deep-copied base as the reference, the full forward per pass and full-vocabulary log_softmaxes (and
+  the KL to the reference) through autograd.
 
 tokens/s counts (prompt + response) tokens × epochs per second of the whole update, as /work/shared/PERF.md
 does; CPU seconds are printed too, as the wall clock of a shared machine depends on its neighbours (the load
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from liveloop.model import load_base_model  # noqa: E402
 from liveloop.settings import Settings  # noqa: E402
 from trainer.config import PPOConfig  # noqa: E402
-from trainer.policy import PaddedBatch, PolicyValueModel, TokenOutputs  # noqa: E402
+from trainer.policy import PaddedBatch, Policy, TokenOutputs  # noqa: E402
 from trainer.update import Sample, ppo_update  # noqa: E402
 
 BATCH, PROMPT, RESPONSE = 16, 40, 128
@@ -50,7 +50,7 @@ VARIANTS = {
 }
 
 
-class NaivePolicy(PolicyValueModel):
+class NaivePolicy(Policy):
     """The model side as a first implementation writes it; the update loop and the math are ppo_update's."""
 
     def __init__(self, *args, reference: nn.Module, **kwargs) -> None:
@@ -60,28 +60,34 @@ class NaivePolicy(PolicyValueModel):
     def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
         return input_ids  # nothing is cached: every pass runs the whole model
 
-    def heads(self, input_ids: torch.Tensor, batch: PaddedBatch, *, reference: bool = False) -> TokenOutputs:
+    def states(self, input_ids: torch.Tensor, batch: PaddedBatch, *, reference: bool = False) -> torch.Tensor:
         model = self.reference if reference else self.causal_lm
         with torch.set_grad_enabled(torch.is_grad_enabled() and not reference):
             hidden = model.get_decoder()(input_ids=batch.input_ids).last_hidden_state  # (b, L, H)
-            logits = model.get_output_embeddings()(hidden)  # (b, L, V): every position
-            logp_all = torch.log_softmax(logits / batch.temperature[:, None, None], dim=-1)
-            rows = torch.arange(len(hidden))[:, None]
-            at_response = logp_all[rows, batch.positions]  # (b, T, V)
-            logprobs = at_response.gather(-1, batch.response_ids[..., None]).squeeze(-1) * batch.mask
-            entropy = -(at_response.exp() * at_response).sum(-1) * batch.mask
-            values = None if reference else self.value_head(hidden[rows, batch.positions]).squeeze(-1) * batch.mask
-        return TokenOutputs(logprobs, entropy, values)
+            return hidden[torch.arange(len(hidden))[:, None], batch.positions]  # (b, T, H)
+
+    def token_outputs(self, states: torch.Tensor, batch: PaddedBatch,
+                      ref_states: torch.Tensor | None = None) -> TokenOutputs:
+        lm_head = self.causal_lm.get_output_embeddings()
+        logits = lm_head(states)  # (b, T, V)
+        logp_all = torch.log_softmax(logits / batch.temperature[:, None, None], dim=-1)
+        logprobs = logp_all.gather(-1, batch.response_ids[..., None]).squeeze(-1) * batch.mask
+        entropy = -(logp_all.exp() * logp_all).sum(-1) * batch.mask
+        kl = None
+        if ref_states is not None:
+            log_p, log_q = torch.log_softmax(logits, -1), torch.log_softmax(lm_head(ref_states), -1)
+            kl = (log_p.exp() * (log_p - log_q)).sum(-1) * batch.mask
+        return TokenOutputs(logprobs, entropy, kl)
 
 
-def build_policy(variant: str) -> PolicyValueModel:
+def build_policy(variant: str) -> Policy:
     base = load_base_model(Settings())
     config = VARIANTS[variant]
     if variant != "naive":
-        return PolicyValueModel.create(base.model, config, base_model_id=base.model_id)
+        return Policy.create(base.model, config, base_model_id=base.model_id)
     reference = copy.deepcopy(base.model)
-    policy = PolicyValueModel.create(base.model, config, base_model_id=base.model_id)
-    return NaivePolicy(policy.model, policy.value_head, config, base_model_id=base.model_id, reference=reference)
+    policy = Policy.create(base.model, config, base_model_id=base.model_id)
+    return NaivePolicy(policy.model, config, base_model_id=base.model_id, reference=reference)
 
 
 def make_samples(vocab: int) -> list[Sample]:
@@ -89,7 +95,7 @@ def make_samples(vocab: int) -> list[Sample]:
     tokens = torch.randint(0, vocab, (BATCH, PROMPT + RESPONSE), generator=generator)
     scores = torch.randn(BATCH, generator=generator)
     return [Sample(prompt_ids=row[:PROMPT].tolist(), response_ids=row[PROMPT:].tolist(),
-                   behaviour_logprobs=[-10.0] * RESPONSE, version=0, score=float(score), temperature=1.0)
+                   behaviour_logprobs=[-10.0] * RESPONSE, score=float(score), temperature=1.0)
             for row, score in zip(tokens, scores, strict=True)]
 
 
@@ -103,7 +109,7 @@ def run_variant(variant: str) -> dict:
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     assert metrics["applied"] == 1.0, metrics
     return {"variant": variant, "seconds": seconds, "cpu_seconds": cpu_seconds,
-            "tokens_per_s": BATCH * (PROMPT + RESPONSE) * 4 / seconds,
+            "tokens_per_s": BATCH * (PROMPT + RESPONSE) * policy.config.ppo_epochs / seconds,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 

@@ -1,8 +1,8 @@
-"""The policy and its critic: one base model, a LoRA policy adapter, a value head on the shared trunk.
+"""The policy: one base model and a LoRA policy adapter, with what an update keeps between batches.
 
 One forward of a Llama-family decoder, split where the adapter starts (``PPOConfig.lora_layers``):
 
-    tokens → embeddings → layers[:split] (frozen) → layers[split:] (LoRA "policy") → norm → lm_head, value head
+    tokens → embeddings → layers[:split] (frozen) → layers[split:] (LoRA "policy") → norm → lm_head
 
 Everything below ``split`` is the same for the policy and the reference and does not change during an update, so
 ``encode`` runs it once per batch under no-grad, and every later pass starts from its output: the reference
@@ -13,8 +13,8 @@ Sequences are right-padded (prompt, response, padding) with positions 0..L-1: pa
 token, so the plain causal mask is the whole mask (sdpa's ``is_causal`` path). Only the hidden states that
 predict a response token reach the heads, and their log-probs come from ``trainer.lm_head`` in chunks.
 
-Checkpoints: the adapter through ``liveloop.adapters.save_adapter``; the value head in its extra tensors; the
-PPOConfig, version and β in its metadata under ``"ppo"``. ``load`` checks all three against this process.
+Checkpoints: the adapter through ``liveloop.adapters.save_adapter``; the PPOConfig, version, β and the running
+moments of the scores in its metadata under ``"ppo"``. ``load`` checks them against this process.
 """
 
 from __future__ import annotations
@@ -26,21 +26,19 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel, get_peft_model
-from safetensors.torch import load_file
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedModel
 from transformers.masking_utils import create_causal_mask
 
-from liveloop.adapters import EXTRA_TENSORS, save_adapter, verify_adapter
+from liveloop.adapters import save_adapter, verify_adapter
 from trainer.config import PPOConfig
 from trainer.lm_head import chosen_logprobs
-from trainer.ppo import AdaptiveKLController
+from trainer.ppo import AdaptiveKLController, RunningMoments
 
 log = logging.getLogger(__name__)
 
 POLICY_ADAPTER = "policy"
-_VALUE_HEAD_PREFIX = "value_head."
 
 
 @dataclass
@@ -87,43 +85,39 @@ class TokenOutputs:
 
     logprobs: torch.Tensor  # log π(a_t | s_t) at the row's temperature
     entropy: torch.Tensor | None  # entropy of π(· | s_t) at the row's temperature; training passes only
-    values: torch.Tensor | None  # V(s_t); None for the reference pass
+    kl: torch.Tensor | None  # KL(π(· | s_t) ‖ π_ref(· | s_t)) at temperature 1, when reference states were given
 
 
-class PolicyValueModel:
-    """A peft model with the ``"policy"`` adapter, a value head, the optimizer, the version and β.
+class Policy:
+    """A peft model with the ``"policy"`` adapter, the optimizer, the version, β and the score moments.
 
     Everything a PPO update reads or changes lives here, and ``save``/``load`` keep it together. The peft model
     may carry other adapters (the reward model's); they must be inactive whenever this class runs it.
     """
 
-    def __init__(self, model: PeftModel, value_head: nn.Linear, config: PPOConfig, *, base_model_id: str,
-                 version: int = 0, kl_coef: float | None = None) -> None:
-        self.model, self.value_head, self.config = model, value_head, config
+    def __init__(self, model: PeftModel, config: PPOConfig, *, base_model_id: str, version: int = 0,
+                 kl_coef: float | None = None, moments: RunningMoments | None = None) -> None:
+        self.model, self.config = model, config
         self.base_model_id, self.version = base_model_id, version
         self.kl_ctl = AdaptiveKLController.from_config(config, kl_coef)
+        self.moments = moments or RunningMoments(config.baseline_window)
+        self.moments.window = config.baseline_window  # a retuned window applies from now on
         self.causal_lm = model.get_base_model()
         self.decoder = self.causal_lm.get_decoder()
         self.split = config.lora_layers(len(self.decoder.layers))[0]
-        lora = [p for n, p in model.named_parameters() if f".{POLICY_ADAPTER}." in n and "lora_" in n]
-        self._trainable = [*lora, *value_head.parameters()]
+        self._trainable = [p for n, p in model.named_parameters() if f".{POLICY_ADAPTER}." in n and "lora_" in n]
         self.optimizer = torch.optim.AdamW(self._trainable, lr=config.learning_rate,
                                            eps=config.adam_eps, weight_decay=0.0)
 
     @classmethod
-    def create(cls, base: PreTrainedModel, config: PPOConfig, *, base_model_id: str) -> PolicyValueModel:
+    def create(cls, base: PreTrainedModel, config: PPOConfig, *, base_model_id: str) -> Policy:
         """Wrap the one base model with a fresh policy adapter (LoRA B = 0: it starts as the reference)."""
         model = get_peft_model(base, config.lora_config(base.config.num_hidden_layers), adapter_name=POLICY_ADAPTER)
-        # zero init: V = 0 is the right guess for symmetric ±1 rewards, and no random critic gradient
-        # reaches the shared trunk before the head has learnt anything
-        value_head = nn.Linear(base.config.hidden_size, 1, device=base.device)
-        nn.init.zeros_(value_head.weight)
-        nn.init.zeros_(value_head.bias)
-        return cls(model.eval(), value_head, config, base_model_id=base_model_id)
+        return cls(model.eval(), config, base_model_id=base_model_id)
 
     @classmethod
     def load(cls, base: PreTrainedModel, path: Path, config: PPOConfig, *, base_model_id: str,
-             sha256: str | None = None) -> PolicyValueModel:
+             sha256: str | None = None) -> Policy:
         """Resume from a saved version: verify the files, the base id and the config, then load."""
         manifest = verify_adapter(path, base_model_id=base_model_id, sha256=sha256)
         ppo = manifest["metadata"].get("ppo")
@@ -131,22 +125,20 @@ class PolicyValueModel:
             raise ValueError(f"{path} is not a policy checkpoint (no 'ppo' metadata)")
         config.check_resumable(ppo["config"])
         model = PeftModel.from_pretrained(base, path, adapter_name=POLICY_ADAPTER, is_trainable=True)
-        tensors = load_file(path / EXTRA_TENSORS, device=str(base.device))
-        state = {k.removeprefix(_VALUE_HEAD_PREFIX): v for k, v in tensors.items() if k.startswith(_VALUE_HEAD_PREFIX)}
-        value_head = nn.Linear(base.config.hidden_size, 1, device=base.device)
-        value_head.load_state_dict(state)
-        return cls(model.eval(), value_head, config, base_model_id=base_model_id, version=ppo["version"],
-                   kl_coef=ppo["kl_coef"])
+        moments = RunningMoments(config.baseline_window, **ppo["moments"]) if "moments" in ppo else None
+        return cls(model.eval(), config, base_model_id=base_model_id, version=ppo["version"],
+                   kl_coef=ppo["kl_coef"], moments=moments)
 
     def save(self, dest: Path, *, metadata: dict | None = None) -> str:
-        """Write adapter, value head and PPO state atomically to ``dest`` (never overwritten); return sha256."""
-        ppo = {"config": self.config.to_dict(), "version": self.version, "kl_coef": self.kl_ctl.value}
-        head = {_VALUE_HEAD_PREFIX + k: v.detach() for k, v in self.value_head.state_dict().items()}
+        """Write the adapter and the PPO state atomically to ``dest`` (never overwritten); return sha256."""
+        moments = {"count": self.moments.count, "mean": self.moments.mean, "var": self.moments.var}
+        ppo = {"config": self.config.to_dict(), "version": self.version, "kl_coef": self.kl_ctl.value,
+               "moments": moments}
         return save_adapter(self.model, POLICY_ADAPTER, dest, base_model_id=self.base_model_id,
-                            metadata={**(metadata or {}), "ppo": ppo}, extra_tensors=head)
+                            metadata={**(metadata or {}), "ppo": ppo})
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The policy adapter's LoRA weights and the value head: all that PPO changes."""
+        """The policy adapter's LoRA weights: all that PPO changes."""
         return self._trainable
 
     @torch.no_grad()
@@ -156,25 +148,28 @@ class PolicyValueModel:
             hidden = self.decoder.embed_tokens(input_ids.to(self.causal_lm.device))
             return self._layers(hidden, self.decoder.layers[:self.split])
 
-    def heads(self, lower: torch.Tensor, batch: PaddedBatch, *, reference: bool = False) -> TokenOutputs:
-        """The adapted layers from ``encode``'s output, then the heads at the response positions.
+    def states(self, lower: torch.Tensor, batch: PaddedBatch, *, reference: bool = False) -> torch.Tensor:
+        """The adapted layers from ``encode``'s output, normed, at the response positions: (b, T, H), 0 on padding.
 
-        ``reference``: adapter disabled, no grad, log-probs only. Otherwise log-probs and values, and when grad
-        is enabled they are differentiable and the entropy comes too.
+        ``reference``: adapter disabled, no grad. Otherwise differentiable when grad is enabled.
         """
         assert self.model.active_adapter == POLICY_ADAPTER, "another adapter is active on the shared model"
         adapter_off = self.model.disable_adapter() if reference else nullcontext()
         with adapter_off, torch.set_grad_enabled(torch.is_grad_enabled() and not reference), self._autocast():
             hidden = self._layers(lower[:, :batch.input_ids.shape[1]], self.decoder.layers[self.split:])
             picked = hidden.gather(1, batch.positions[..., None].expand(-1, -1, hidden.shape[-1]))  # (b, T, H)
-            real = batch.mask.bool()
-            states = self.decoder.norm(picked[real])  # (N, H): response positions only, padding dropped
-            temperature = batch.temperature[:, None].expand_as(batch.mask)[real]  # (N,)
-            logprobs, entropy = chosen_logprobs(states, self.causal_lm.get_output_embeddings().weight,
-                                                batch.response_ids[real], temperature, self.config.logits_chunk,
-                                                entropy_grad=self.config.ent_coef != 0)
-            values = None if reference else self.value_head(states).squeeze(-1).float()
-        return TokenOutputs(_scatter(logprobs, real), _scatter(entropy, real), _scatter(values, real))
+            return self.decoder.norm(picked) * batch.mask[..., None]
+
+    def token_outputs(self, states: torch.Tensor, batch: PaddedBatch,
+                      ref_states: torch.Tensor | None = None) -> TokenOutputs:
+        """Log-probs (and, with grad, entropies; with ``ref_states``, KLs to the reference) from ``states``."""
+        real = batch.mask.bool()
+        temperature = batch.temperature[:, None].expand_as(batch.mask)[real]  # (N,)
+        logprobs, entropy, kl = chosen_logprobs(
+            states[real], self.causal_lm.get_output_embeddings().weight, batch.response_ids[real], temperature,
+            self.config.logits_chunk, entropy_grad=self.config.ent_coef != 0,
+            ref_hidden=None if ref_states is None else ref_states[real])
+        return TokenOutputs(_scatter(logprobs, real), _scatter(entropy, real), _scatter(kl, real))
 
     def _layers(self, hidden: torch.Tensor, layers: nn.ModuleList) -> torch.Tensor:
         """Run decoder ``layers`` over right-padded hidden states (B, L, H), as the model's own forward does."""

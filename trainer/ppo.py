@@ -1,15 +1,26 @@
-"""PPO for RLHF as pure functions on tensors; ``trainer.update`` only wires them together.
+"""PPO for RLHF from thumbs, as pure functions on tensors; ``trainer.update`` only wires them together.
 
 Shapes: B sequences of up to T response tokens, right-padded; ``mask`` (B, T) is 1.0 on real response tokens and
 0.0 on padding, and each row's real tokens are a prefix. Log-probs are of the chosen tokens, per position.
 
-Reward (Ziegler et al., 2019; Stiennon et al., 2020): every response token is penalised by its share of the KL
-to the reference, and the scalar score of the whole response arrives at its last token:
+Advantages are the outcome's, shared by every token of a response (as GRPO and RLOO do). One thumb, or one
+reward-model score, judges the whole response, and a critic trained from a few thousand of them cannot say which
+tokens earned it; a learned value per token would mostly add noise, and with a sparse reward at the last token
+it gives early tokens little credit, or credit of the wrong sign. A score is judged against a baseline:
 
-    r_t = −β · KL_t  (+ score if t is the last token),    KL_t = log π(a_t|s_t) − log π_ref(a_t|s_t)
+    A_i = (s_i − b_i) / σ
 
-Advantages by GAE(γ, λ) (Schulman et al., 2016) from the value head's V(s_t), whitened over the batch's response
-tokens.
+- RLOO (Ahmadian et al., 2024): for k responses to one prompt, each scored by the reward model, b_i is the mean
+  score of the other k − 1 — an unbiased baseline that needs no model;
+- one logged response per prompt (a served completion and its thumb): b is the running mean of recent scores
+  (``RunningMoments``), so a thumbs-up counts for more when thumbs-up are rare;
+- σ is the running standard deviation of the scores, so a learning rate means the same whatever the scale.
+
+KL to the reference is a loss term, not a reward: β · KL(π_θ(·|s_t) ‖ π_ref(·|s_t)), the exact KL over the
+whole vocabulary at each sampled position (``trainer.lm_head``), averaged over response tokens. The usual
+single-sample estimate log π(a_t) − log π_ref(a_t) is unbiased only for a_t ~ π; on served samples (an older
+version, a temperature, a top-p) it measures something else and can be negative. The exact KL at the visited
+states is non-negative and has no sampling noise. β adapts towards a per-token target (``AdaptiveKLController``).
 
 Decoupled PPO, for logged samples (Hilton et al., 2021; AReaL, Fu et al., 2025). A logged sample was drawn
 from a behaviour policy μ: the adapter version that served it, with the request's temperature and top-p,
@@ -21,11 +32,14 @@ at C (truncated IS, as verl's rollout correction) and treated as a constant:
 
     L_pg = −mean_t[ w_t · min(ρ_t A_t, clip(ρ_t, 1−ε, 1+ε) A_t) ],  ρ_t = π_θ/π_prox,  w_t = min(π_prox/μ, C)
 
-When μ = π_prox every w_t = 1 and this is plain PPO. Samples more than ``max_staleness`` adapter versions old are
-dropped before the update (``trainer.update``), so the weights only ever correct a bounded lag.
+When μ = π_prox every w_t = 1 and this is plain PPO. No sample is dropped for its age: tokens an older version
+liked and the current policy does not simply weigh little.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 
@@ -37,56 +51,45 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum()
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Unbiased variance of x over the masked positions (0 for a single position)."""
-    n = mask.sum()
-    centred = (x - masked_mean(x, mask)) * mask
-    return (centred**2).sum() / (n - 1).clamp(min=1)
+@dataclass
+class RunningMoments:
+    """Mean and variance of recent scores: an exponential average over about ``window`` scores (exact while
+    fewer have been seen). Saved with every policy version, so a restart keeps its baseline."""
+
+    window: int
+    count: int = 0
+    mean: float = 0.0
+    var: float = 1.0
+
+    def update(self, scores: list[float]) -> None:
+        for score in scores:
+            self.count += 1
+            rate = 1 / min(self.count, self.window)
+            delta = score - self.mean
+            self.mean += rate * delta
+            # West's weighted update; with rate = 1/n it is Welford's population variance
+            self.var = (1 - rate) * (self.var + rate * delta * delta) if self.count > 1 else 0.0
+
+    @property
+    def std(self) -> float:
+        """The scale advantages are divided by; 1 until two different scores have been seen."""
+        return math.sqrt(self.var) if self.var > 1e-6 else 1.0
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x − mean) / std over the masked positions; padding comes out 0. Keeps the mean if not shift_mean."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean
-    return whitened * mask
+def outcome_advantages(scores: torch.Tensor, groups: torch.Tensor, moments: RunningMoments) -> torch.Tensor:
+    """A_i = (s_i − b_i) / σ per sequence (B,) — see the module docstring.
 
-
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token KL_t = log π(a_t) − log π_ref(a_t), the k1 estimator of KL(π‖π_ref).
-
-    For a ~ π it is unbiased, and its sum over a response is the log-likelihood ratio of the whole sequence,
-    whose expectation is the sequence-level KL the penalty is about. One token's value may be negative.
+    scores (B,); groups (B,) long, rows with the same non-negative id are responses to one prompt (RLOO
+    baseline: the mean of the others); −1 marks a row alone, judged against the running mean.
     """
-    return logprobs - ref_logprobs
-
-
-def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, beta: float, mask: torch.Tensor) -> torch.Tensor:
-    """r_t = −β·KL_t on every response token, plus the sequence's score (B,) on its last token. → (B, T)."""
-    rewards = -beta * kl * mask  # (B, T)
-    last = (mask.sum(1).long() - 1).clamp(min=0)  # (B,)
-    return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
-
-
-def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
-                lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over right-padded responses → (advantages, returns), each (B, T).
-
-        δ_t = r_t + γ V(s_{t+1}) − V(s_t),   A_t = δ_t + γλ A_{t+1},   R_t = A_t + V(s_t)
-
-    The response ends after its last real token: V beyond it is 0 and no advantage flows back from padding.
-    """
-    rewards, values = rewards * mask, values * mask  # padding contributes nothing
-    advantages = torch.zeros_like(rewards)
-    last_gae = torch.zeros_like(rewards[:, 0])  # (B,)
-    for t in reversed(range(rewards.shape[1])):
-        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last_gae)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last_gae = delta + gamma * lam * last_gae
-        advantages[:, t] = last_gae
-    advantages = advantages * mask
-    return advantages, (advantages + values) * mask
+    baseline = torch.full_like(scores, moments.mean)
+    for group in groups.unique():
+        rows = (groups == group).nonzero().squeeze(1)
+        if group < 0 or len(rows) < 2:
+            continue
+        total = scores[rows].sum()
+        baseline[rows] = (total - scores[rows]) / (len(rows) - 1)
+    return (scores - baseline) / moments.std
 
 
 def truncated_importance_weights(prox_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor,
@@ -100,8 +103,9 @@ def ppo_policy_loss(logprobs: torch.Tensor, prox_logprobs: torch.Tensor, advanta
                     clip_eps: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate L_pg (module docstring), token-level mean; returns (pg_loss, stats).
 
-    ``is_weights`` enter as constants (detached): they reweight the data, they are not part of what is learnt.
-    Stats: ``approx_kl`` (k3 estimate of KL(π_prox‖π_θ)), ``clipfrac``, ``ratio_mean``, all masked means.
+    ``advantages`` (B, T) or (B, 1), broadcast over tokens. ``is_weights`` enter as constants (detached): they
+    reweight the data, they are not part of what is learnt. Stats: ``approx_kl`` (k3 estimate of
+    KL(π_prox‖π_θ)), ``clipfrac``, ``ratio_mean``, all masked means.
     """
     log_ratio = logprobs - prox_logprobs  # (b, T)
     ratio = torch.exp(log_ratio)
@@ -117,46 +121,25 @@ def ppo_policy_loss(logprobs: torch.Tensor, prox_logprobs: torch.Tensor, advanta
     return pg_loss, stats
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               value_clip: float) -> torch.Tensor:
-    """Clipped value loss: ½·mean_t max((V − R)², (V_old + clip(V − V_old, ±c) − R)²)."""
-    values_clipped = old_values + torch.clamp(values - old_values, -value_clip, value_clip)
-    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (values_clipped - returns) ** 2), mask)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """H = logsumexp(z) − Σ softmax(z)·z over the last dimension, without a log-softmax tensor. (..., V) → (...)."""
-    logits = logits.float()
-    lse = torch.logsumexp(logits, dim=-1)
-    return lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-
-
-def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 − Var(R − V)/Var(R) over response tokens: 1 is a perfect critic, ≤ 0 no better than a constant."""
-    var_true = masked_var(y_true, mask)
-    if var_true == 0:
-        return float("nan")
-    return float(1 - masked_var(y_true - y_pred, mask) / var_true)
-
-
 class AdaptiveKLController:
-    """β of the KL penalty, steered towards a target KL per sequence (Ziegler et al., 2019, eq. 2):
+    """β of the KL term, steered towards a target per-token KL (Ziegler et al., 2019, eq. 2, per update):
 
-        e = clip(KL / KL_target − 1, −0.2, 0.2),   β ← β · (1 + e · n / horizon)
+        e = clip(KL / KL_target − 1, −1, 1),   β ← max(β · (1 + rate · e), β_min)
 
-    where n is the number of sequences the KL was measured on. With no target, β stays at its initial value.
+    With no target, β stays at its initial value.
     """
 
-    def __init__(self, init_kl_coef: float, target: float | None, horizon: int) -> None:
-        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+    def __init__(self, init_kl_coef: float, target: float | None, rate: float, minimum: float = 0.0) -> None:
+        self.value, self.target, self.rate, self.minimum = init_kl_coef, target, rate, minimum
 
     @classmethod
     def from_config(cls, config: PPOConfig, value: float | None = None) -> AdaptiveKLController:
-        """A controller with the config's target and horizon; ``value`` resumes a saved β."""
-        return cls(config.init_kl_coef if value is None else value, config.target_kl, config.kl_horizon)
+        """A controller with the config's target, rate and floor; ``value`` resumes a saved β."""
+        return cls(config.init_kl_coef if value is None else value, config.target_kl, config.kl_adapt_rate,
+                   config.min_kl_coef)
 
-    def update(self, current_kl: float, n_steps: int) -> None:
-        if self.target is None:
+    def update(self, current_kl: float) -> None:
+        if self.target is None or not math.isfinite(current_kl):
             return
-        proportional_error = min(max(current_kl / self.target - 1, -0.2), 0.2)
-        self.value *= 1 + proportional_error * n_steps / self.horizon
+        proportional_error = min(max(current_kl / self.target - 1, -1.0), 1.0)
+        self.value = max(self.value * (1 + self.rate * proportional_error), self.minimum)

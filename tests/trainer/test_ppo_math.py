@@ -10,82 +10,65 @@ import torch
 from trainer.config import PPOConfig
 from trainer.ppo import (
     AdaptiveKLController,
-    compute_gae,
-    entropy_from_logits,
-    explained_variance,
-    kl_penalty,
-    per_token_rewards,
+    RunningMoments,
+    outcome_advantages,
     ppo_policy_loss,
     truncated_importance_weights,
-    value_loss,
-    whiten,
 )
 
 
-def gae_reference(rewards: list[float], values: list[float], gamma: float, lam: float) -> list[float]:
-    """One sequence, scalars, the textbook recursion; the episode ends after the last token."""
-    advantages, last = [0.0] * len(rewards), 0.0
-    for t in reversed(range(len(rewards))):
-        next_value = values[t + 1] if t + 1 < len(rewards) else 0.0
-        last = rewards[t] + gamma * next_value - values[t] + gamma * lam * last
-        advantages[t] = last
-    return advantages
+def test_running_moments_are_exact_within_the_window_and_exponential_beyond():
+    moments = RunningMoments(window=4)
+    assert (moments.mean, moments.std) == (0.0, 1.0)  # nothing seen: no shift, no scaling
+    moments.update([1.0, -1.0, -1.0])
+    assert moments.mean == pytest.approx(-1 / 3)
+    assert moments.var == pytest.approx(torch.tensor([1.0, -1.0, -1.0]).var(unbiased=False).item())
+    for _ in range(200):  # beyond the window, old scores fade: the moments follow the recent ones
+        moments.update([1.0])
+    assert moments.mean == pytest.approx(1.0, abs=1e-6) and moments.std == 1.0  # a constant: no scaling
+    assert moments.count == 203
 
 
-def test_gae_hand_computed_with_padding():
-    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 5.0]])
-    values = torch.tensor([[0.5, 0.6, 0.7], [1.0, 0.5, 9.0]])  # row 1's last position is padding
-    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
-    advantages, returns = compute_gae(rewards, values, mask, gamma=1.0, lam=0.5)
-    # row 0: δ = (0.1, 0.1, 0.3) → A2 = 0.3, A1 = 0.1 + 0.5·0.3, A0 = 0.1 + 0.5·0.25
-    torch.testing.assert_close(advantages, torch.tensor([[0.225, 0.25, 0.3], [0.25, 1.5, 0.0]]))
-    torch.testing.assert_close(returns, torch.tensor([[0.725, 0.85, 1.0], [1.25, 2.0, 0.0]]))
+def test_outcome_advantages_use_the_leave_one_out_mean_in_a_group_and_the_running_mean_alone():
+    moments = RunningMoments(window=100)
+    moments.update([1.0, -1.0, -1.0, -1.0])  # mean −0.5, std √0.75
+    scores = torch.tensor([1.0, -1.0, 2.0, 0.0, 4.0, 5.0])
+    groups = torch.tensor([-1, -1, 0, 0, 0, 1])  # two lone ratings, a group of three, a group of one
+    advantages = outcome_advantages(scores, groups, moments)
+    sigma = math.sqrt(0.75)
+    expected = [1.5, -0.5, 2 - 2, 0 - 3, 4 - 1, 5 + 0.5]  # lone and singleton: s − mean; RLOO: s − mean(others)
+    torch.testing.assert_close(advantages, torch.tensor(expected) / sigma)
 
 
-def test_gae_matches_reference_loop_on_ragged_batch():
-    generator = torch.Generator().manual_seed(0)
-    lengths = [7, 1, 4, 5]
-    rewards = torch.randn(4, 7, generator=generator)
-    values = torch.randn(4, 7, generator=generator)  # padding holds garbage on purpose
-    mask = (torch.arange(7)[None] < torch.tensor(lengths)[:, None]).float()
-    advantages, returns = compute_gae(rewards, values, mask, gamma=0.9, lam=0.8)
-    for row, n in enumerate(lengths):
-        expected = gae_reference(rewards[row, :n].tolist(), values[row, :n].tolist(), 0.9, 0.8)
-        torch.testing.assert_close(advantages[row, :n], torch.tensor(expected))
-        torch.testing.assert_close(returns[row, :n], torch.tensor(expected) + values[row, :n])
-        assert advantages[row, n:].abs().sum() == 0 and returns[row, n:].abs().sum() == 0
+def test_every_token_of_a_response_shares_its_advantage_sign():
+    """Outcome advantages give early tokens the sign of the outcome: a liked answer is never pushed down."""
+    moments = RunningMoments(window=100)
+    moments.update([-1.0] * 8 + [1.0] * 2)  # thumbs-up are rare
+    advantages = outcome_advantages(torch.tensor([1.0, 1.0, -1.0]), torch.tensor([-1, -1, -1]), moments)
+    assert (advantages[:2] > 0).all() and advantages[2] < 0
+    assert advantages[0] > -advantages[2]  # a rare thumbs-up counts for more than a common thumbs-down
 
 
-def test_whiten_uses_masked_positions_only():
-    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 100.0, -100.0]])
-    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
-    std = math.sqrt(5 / 3)  # mean 2.5; unbiased variance of (1, 2, 3, 4)
-    expected = torch.tensor([[-1.5, -0.5, 0.5], [1.5, 0.0, 0.0]]) / std
-    torch.testing.assert_close(whiten(x, mask), expected)
-    torch.testing.assert_close(whiten(x, mask, shift_mean=False), (expected + 2.5) * mask)
-
-
-def test_kl_penalty_and_per_token_rewards():
-    kl = kl_penalty(torch.tensor([[-1.0, -2.0, -0.5]]), torch.tensor([[-1.1, -1.8, -0.8]]))
-    torch.testing.assert_close(kl, torch.tensor([[0.1, -0.2, 0.3]]))
-    kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, -0.1, 9.0]])
-    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
-    rewards = per_token_rewards(torch.tensor([1.0, -2.0]), kl, beta=0.5, mask=mask)
-    # −β·KL everywhere, the score on the last real token, nothing on padding
-    torch.testing.assert_close(rewards, torch.tensor([[-0.05, -0.1, 0.85], [-0.25, -1.95, 0.0]]))
-
-
-def test_adaptive_kl_controller_follows_ziegler_update():
-    ctl = AdaptiveKLController(0.2, target=6.0, horizon=10_000)
-    ctl.update(12.0, n_steps=100)  # error 1.0, clipped to +0.2
-    assert ctl.value == pytest.approx(0.2 * 1.002)
-    ctl.update(6.6, n_steps=100)  # error +0.1
-    assert ctl.value == pytest.approx(0.2 * 1.002 * 1.001)
-    ctl.update(0.0, n_steps=1000)  # error −1, clipped to −0.2
-    assert ctl.value == pytest.approx(0.2 * 1.002 * 1.001 * 0.98)
+def test_adaptive_kl_controller_moves_beta_each_update():
+    ctl = AdaptiveKLController(0.1, target=0.05, rate=0.2)
+    ctl.update(0.2)  # error +3, clipped to +1: β × 1.2
+    assert ctl.value == pytest.approx(0.12)
+    ctl.update(0.055)  # error +0.1
+    assert ctl.value == pytest.approx(0.12 * 1.02)
+    ctl.update(0.0)  # error −1: β × 0.8
+    assert ctl.value == pytest.approx(0.12 * 1.02 * 0.8)
+    ctl.update(float("nan"))  # nothing measured: β stays
+    assert ctl.value == pytest.approx(0.12 * 1.02 * 0.8)
+    for _ in range(20):  # a policy far over its target for 20 updates: β rises 38-fold, it is not stuck
+        ctl.update(1.0)
+    assert ctl.value > 30 * 0.12 * 1.02 * 0.8
+    floored = AdaptiveKLController(0.1, target=0.05, rate=0.2, minimum=0.01)
+    for _ in range(50):  # far under target for long: β stops at its floor, ready to rise again
+        floored.update(0.0)
+    assert floored.value == 0.01
     fixed = AdaptiveKLController.from_config(PPOConfig(target_kl=None))
-    fixed.update(100.0, n_steps=1000)
-    assert fixed.value == 0.2
+    fixed.update(100.0)
+    assert fixed.value == PPOConfig().init_kl_coef
     assert AdaptiveKLController.from_config(PPOConfig(), value=0.7).value == 0.7
 
 
@@ -142,23 +125,3 @@ def test_decoupled_loss_is_plain_ppo_when_behaviour_is_proximal():
     (grad_plain,) = torch.autograd.grad(plain, logprobs)
     torch.testing.assert_close(decoupled, plain)
     torch.testing.assert_close(grad_decoupled, grad_plain)
-
-
-def test_clipped_value_loss_hand_computed():
-    values = torch.tensor([[1.0, 0.6, 4.0]])
-    old_values = torch.tensor([[0.0, 0.0, 0.0]])
-    returns = torch.tensor([[0.5, 1.0, 0.0]])
-    mask = torch.tensor([[1.0, 1.0, 0.0]])
-    # t0: max((1−0.5)², (0.2−0.5)²) = 0.25; t1: max((0.6−1)², (0.2−1)²) = 0.64
-    assert value_loss(values, old_values, returns, mask, value_clip=0.2).item() == pytest.approx(0.5 * 0.89 / 2)
-
-
-def test_entropy_and_explained_variance():
-    logits = torch.randn(4, 11, generator=torch.Generator().manual_seed(0)) * 3
-    log_p = torch.log_softmax(logits, -1)
-    torch.testing.assert_close(entropy_from_logits(logits), -(log_p.exp() * log_p).sum(-1))
-    assert entropy_from_logits(torch.zeros(2, 8)).tolist() == pytest.approx([math.log(8)] * 2)
-    returns, mask = torch.tensor([[1.0, 2.0, 3.0, 99.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]])
-    assert explained_variance(returns, returns, mask) == pytest.approx(1.0)
-    assert explained_variance(torch.zeros(1, 4), returns, mask) == pytest.approx(0.0)
-    assert math.isnan(explained_variance(torch.zeros(1, 4), torch.ones(1, 4), mask))

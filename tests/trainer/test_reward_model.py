@@ -18,6 +18,7 @@ from trainer.reward_model import (
     RewardModel,
     RewardModelConfig,
     balanced_accuracy,
+    balanced_accuracy_low,
     pairwise_loss,
     pointwise_loss,
     preference_pairs,
@@ -28,8 +29,9 @@ LIKED = 5000  # the synthetic preference: a response containing this token is ra
 FILLER = (1000, 1020)  # everything else is drawn from these tokens
 
 
-def rated(completion_id: str, prompt: tuple[int, ...], up: bool, response: tuple[int, ...] = (7, 8)) -> RatedResponse:
-    return RatedResponse(completion_id, prompt, response, up)
+def rated(completion_id: str, prompt: tuple[int, ...], up: bool, response: tuple[int, ...] = (7, 8),
+          revision: int = 1) -> RatedResponse:
+    return RatedResponse(completion_id, prompt, response, up, revision)
 
 
 def separable_examples(n_prompts: int, seed: int) -> list[RatedResponse]:
@@ -101,9 +103,10 @@ def test_heldout_balanced_accuracy_of_a_constant_reward_model_is_a_half(tiny_pef
         reward_model.head.weight.zero_()
         reward_model.head.bias.fill_(-1.0)
     reward_model.add([rated(f"down-{i}", (1, i + 2), False) for i in range(3)])
-    assert reward_model.heldout_balanced_accuracy() is None  # one thumb only: undefined, not 1.0
+    assert reward_model._heldout_accuracy() == (None, None)  # one thumb only: undefined, not 1.0
     reward_model.add([rated("up-0", (2,), True)])
-    assert reward_model.heldout_balanced_accuracy() == pytest.approx(0.5)  # plain accuracy: 0.75
+    accuracy, low = reward_model._heldout_accuracy()
+    assert accuracy == pytest.approx(0.5) and low < 0.5  # plain accuracy: 0.75
 
 
 def test_reward_model_learns_a_separable_preference_above_chance(tiny_peft_model):
@@ -121,6 +124,7 @@ def test_reward_model_learns_a_separable_preference_above_chance(tiny_peft_model
     assert metrics.n_pairs > 50 and metrics.pairwise_loss is not None
     # chance is 0.5 (balanced accuracy, whatever the split's balance); 0.7 on ~60 held-out examples is p < 0.001
     assert metrics.heldout_balanced_accuracy >= 0.7, metrics
+    assert metrics.usable and metrics.heldout_balanced_accuracy_low > 0.5
     assert metrics.loss < first.loss
 
 
@@ -174,16 +178,63 @@ def test_a_feedback_event_becomes_a_rated_response():
         response_token_ids=[3, 4], behaviour_logprobs=[-0.5, -0.1], adapter_version=None,
         sampling_params={"temperature": 1.0}, dtype="float32", completion_created_at=now,
     )
-    assert RatedResponse.from_event(event) == RatedResponse("chatcmpl-1", (1, 2), (3, 4), thumbs_up=False)
+    assert RatedResponse.from_event(event) == RatedResponse("chatcmpl-1", (1, 2), (3, 4), thumbs_up=False, revision=2)
 
 
 def test_a_change_of_mind_replaces_the_rating_and_the_buffer_is_bounded(tiny_peft_model):
     config = RewardModelConfig(max_examples=3)
     reward_model = RewardModel.create(tiny_peft_model, base_model_id="tiny", pad_token_id=PAD, config=config)
     reward_model.add([rated("a", (1,), True), rated("b", (1,), False), rated("c", (2,), True)])
-    reward_model.add([rated("a", (1,), False)])  # "a" is now the newest, rated down
+    reward_model.add([rated("a", (1,), False, revision=3)])  # "a" is now the newest, rated down
+    reward_model.add([rated("a", (1,), True, revision=2)])  # an older revision arriving late changes nothing
     reward_model.add([rated("d", (3,), True)])  # evicts the oldest: "b"
     assert {k: e.thumbs_up for k, e in reward_model.examples.items()} == {"c": True, "a": False, "d": True}
+    assert reward_model.examples["a"].revision == 3
+
+
+def test_an_increment_trains_on_the_new_ratings_and_a_bounded_replay_sample(tiny_peft_model):
+    config = RewardModelConfig(max_examples_per_increment=16, heldout_fraction=0.01)
+    reward_model = RewardModel.create(tiny_peft_model, base_model_id="tiny", pad_token_id=PAD, config=config)
+    old = separable_examples(40, seed=2)
+    reward_model.add(old)
+    assert len(reward_model._increment_examples()) == 16  # 80 new ones: the newest 16
+    reward_model.train_increment()
+    new = separable_examples(3, seed=3)
+    reward_model.add(new)
+    picked = reward_model._increment_examples()
+    assert len(picked) == 16 and picked[:6] == [e for e in new if not reward_model._heldout(e)]
+    assert all(e in old for e in picked[6:])
+
+
+def test_rewards_are_normalised_to_the_last_increments_scores(tiny_peft_model):
+    reward_model = RewardModel.create(tiny_peft_model, base_model_id="tiny", pad_token_id=PAD,
+                                      config=RewardModelConfig(lr=1e-3, epochs_per_increment=1))
+    with torch.no_grad():  # raw scores far from 0 and wide: what a drifting head gives
+        reward_model.head.weight.mul_(50)
+        reward_model.head.bias.fill_(7.0)
+    examples = separable_examples(32, seed=4)
+    reward_model.add(examples)
+    reward_model.train_increment()
+    mean, std = reward_model.normalizer
+    assert abs(mean) > 1 and std > 0
+    prompts, responses = [e.prompt_ids for e in examples], [e.response_ids for e in examples]
+    raw, normalised = reward_model.score(prompts, responses), reward_model.reward(prompts, responses)
+    torch.testing.assert_close(normalised, (raw - mean) / std)
+    # after one epoch the scores moved a little since they were taken; they stay near mean 0 and std 1
+    assert abs(normalised.mean().item()) < 0.5 and 0.5 < normalised.std().item() < 2
+
+
+def test_a_reward_model_at_chance_is_not_usable_and_one_that_ranks_is():
+    """The gate on held-out balanced accuracy, through the bound PPO's use depends on."""
+    generator = torch.Generator().manual_seed(0)
+    thumbs = torch.rand(200, generator=generator) < 0.3
+    noise = torch.randn(200, generator=generator)
+    at_chance = balanced_accuracy_low(noise, thumbs, z=2.33)
+    ranking = balanced_accuracy_low(torch.where(thumbs, 1.0, -1.0) + 0.8 * noise, thumbs, z=2.33)
+    assert at_chance < 0.5 < ranking
+    # a perfect score on 3 + 3 ratings is far from certain (and usable_min_per_thumb asks for more)
+    few = torch.tensor([True] * 3 + [False] * 3)
+    assert balanced_accuracy_low(torch.where(few, 1.0, -1.0), few, z=2.33) < 0.7
 
 
 def test_save_and_load_round_trip_verifies_and_reproduces_scores(make_tiny_peft_model, tmp_path):
