@@ -42,7 +42,8 @@ def simulate(
     population: int = typer.Option(200, min=1, help="Distinct user ids the concurrent users take turns being "
                                                     "(the server picks the canary slice by user id)."),
     url: str = typer.Option("http://127.0.0.1:8000", help="The liveloop API."),
-    api_key: str = typer.Option(None, envvar="LIVELOOP_SIMULATE_API_KEY", help="Sent as 'Authorization: Bearer'."),
+    api_key: list[str] = typer.Option([], help="An end-user API key, sent as 'Authorization: Bearer' (repeatable: "
+                                              "with keys the server knows users by key, each user keeps one)."),
     admin_token: str = typer.Option(None, envvar="LIVELOOP_ADMIN_TOKEN",
                                     help="Optional: also record GET /admin/adapters at the end."),
     eval_every: int = typer.Option(250, min=1, help="Ratings between pinned evaluations of the live version."),
@@ -71,7 +72,7 @@ def simulate(
                               params=SamplingParams(max_tokens=max_tokens, temperature=temperature), seed=seed)
 
     async def main() -> dict:
-        async with LiveloopClient(url, api_key=api_key, admin_token=admin_token) as client:
+        async with LiveloopClient(url, api_keys=api_key, admin_token=admin_token) as client:
             simulation = Simulation(client, taste, config, train_prompts=train_prompts(),
                                     eval_prompts=load_eval_prompts(), json_path=out, png_path=out.with_suffix(".png"))
             return await simulation.run()
@@ -86,7 +87,7 @@ def simulate(
 def simulate_base_rates(
     url: str = typer.Option("http://127.0.0.1:8000", help="The liveloop API."),
     model: str = typer.Option(None, help="The model to pin (default: the base model)."),
-    api_key: str = typer.Option(None, envvar="LIVELOOP_SIMULATE_API_KEY", help="Sent as 'Authorization: Bearer'."),
+    api_key: str = typer.Option(None, help="An end-user API key, sent as 'Authorization: Bearer'."),
     samples: int = typer.Option(1, min=1, help="Answers per evaluation prompt."),
     max_tokens: int = typer.Option(48, min=1),
     temperature: float = typer.Option(0.7, min=0.0, max=2.0),
@@ -102,7 +103,7 @@ def simulate_base_rates(
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
 
     async def main():
-        async with LiveloopClient(url, api_key=api_key) as client:
+        async with LiveloopClient(url, api_keys=[api_key] if api_key else []) as client:
             pinned = model or await base_model_id(client)
             return pinned, await evaluate(client, pinned, eval_prompts(), PREFERENCES["random"], params=params,
                                           samples_per_prompt=samples)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from dataclasses import dataclass
 
 import httpx
@@ -47,14 +48,23 @@ class ApiError(Exception):
 
 
 class LiveloopClient:
-    """One HTTP connection pool to a liveloop API; every call is a coroutine."""
+    """One HTTP connection pool to a liveloop API; every call is a coroutine.
 
-    def __init__(self, base_url: str, *, api_key: str | None = None, admin_token: str | None = None,
+    With API keys configured the server knows a user by its key, so each simulated user chats and rates with
+    one key of ``api_keys``, the same every time (a stable hash of its id); unnamed requests use the first.
+    """
+
+    def __init__(self, base_url: str, *, api_keys: list[str] | tuple[str, ...] = (), admin_token: str | None = None,
                  timeout_s: float = 600.0, max_retries: int = 20):
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s,
+        self.http = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=timeout_s,
                                       limits=httpx.Limits(max_connections=256, max_keepalive_connections=256))
-        self.admin_token, self.max_retries = admin_token, max_retries
+        self.api_keys, self.admin_token, self.max_retries = list(api_keys), admin_token, max_retries
+
+    def _auth(self, user: str | None) -> dict[str, str]:
+        if not self.api_keys:
+            return {}
+        key = self.api_keys[zlib.crc32(user.encode()) % len(self.api_keys)] if user else self.api_keys[0]
+        return {"Authorization": f"Bearer {key}"}
 
     async def __aenter__(self) -> LiveloopClient:
         return self
@@ -70,21 +80,22 @@ class LiveloopClient:
             body["user"] = user
         if seed is not None:
             body["seed"] = seed
-        data = await self._post("/v1/chat/completions", body, expect=200)
+        data = await self._post("/v1/chat/completions", body, expect=200, user=user)
         choice = data["choices"][0]
         return Answer(data["id"], choice["message"]["content"], data["model"], choice["finish_reason"],
                       data["usage"]["completion_tokens"])
 
-    async def feedback(self, completion_id: str, rating: str, *, feedback_id: str) -> dict:
+    async def feedback(self, completion_id: str, rating: str, *, feedback_id: str, user: str | None = None) -> dict:
+        """Rate a completion, as the ``user`` who received it."""
         return await self._post("/v1/feedback", {"completion_id": completion_id, "rating": rating,
-                                                 "feedback_id": feedback_id}, expect=202)
+                                                 "feedback_id": feedback_id}, expect=202, user=user)
 
     async def routing(self) -> Routing:
         ready = await self._get("/readyz")
         return Routing(ready["model"], ready["live_version"], ready["canary_version"])
 
     async def models(self) -> list[dict]:
-        return (await self._get("/v1/models"))["data"]
+        return (await self._get("/v1/models", headers=self._auth(None)))["data"]
 
     async def adapters(self) -> list[dict] | None:
         """The registry's policy versions (``GET /admin/adapters``); None without an admin token."""
@@ -99,11 +110,11 @@ class LiveloopClient:
             raise ApiError(response.status_code, response.text)
         return response.json()
 
-    async def _post(self, path: str, body: dict, *, expect: int) -> dict:
+    async def _post(self, path: str, body: dict, *, expect: int, user: str | None) -> dict:
         """POST, waiting out 429s (``Retry-After``) and dropped connections; any other status raises."""
         for attempt in range(self.max_retries):
             try:
-                response = await self.http.post(path, json=body)
+                response = await self.http.post(path, json=body, headers=self._auth(user))
             except httpx.TransportError as exc:
                 log.warning("%s failed (%s); retrying", path, type(exc).__name__)
                 await asyncio.sleep(min(2**attempt, 10))

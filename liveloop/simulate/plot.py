@@ -33,19 +33,15 @@ def plot_run(record: dict, path: Path) -> None:
     size = max(1, min(window, len(ratings)))
     middles, shares, expected = windows(ratings, size)
     ax.plot(middles, shares, "o-", color="tab:blue", label=f"users' thumbs-up share per {size} ratings")
-    ax.plot(middles, expected, "--", color="tab:blue", alpha=0.5, label="mean P(up) of the same answers")
+    ax.plot(middles, expected, ".--", color="tab:blue", alpha=0.5, label="mean P(up) of the same answers")
     _plot_evals(ax, record)
-    for event in record["events"]:
-        if event["kind"] == "promotion":
-            for axis in (ax, served):
-                axis.axvline(event["at_rating"], color="tab:red", linestyle=":", linewidth=1.5)
-            ax.annotate(f"live: {event['to'] or record['base_model']}", (event["at_rating"], 1.0),
-                        xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right", fontsize=7,
-                        color="tab:red")
+    _plot_promotions(ax, served, record)
     ax.set_ylim(0, 1)
     ax.set_ylabel("liked share")
-    ax.set_title(f"liveloop simulate: users who like {record['preference']['name']} answers "
-                 f"({len(ratings)} ratings, {record['config']['users']} concurrent users)")
+    params = record["config"]["params"]
+    ax.set_title(f"liveloop simulate, taste '{record['preference']['name']}': {len(ratings)} ratings, "
+                 f"{record['config']['users']} concurrent users, max_tokens {params['max_tokens']}, "
+                 f"temperature {params['temperature']}", fontsize=10)
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
     _plot_served(served, ratings)
@@ -56,17 +52,31 @@ def plot_run(record: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _plot_promotions(ax, served, record: dict) -> None:
+    """A dotted line at each promotion, named; the span each version was live shaded in turn."""
+    promotions = [e for e in record["events"] if e["kind"] == "promotion"]
+    edges = [0] + [e["at_rating"] for e in promotions] + [max(len(record["ratings"]), 1)]
+    for k, (start, end) in enumerate(zip(edges, edges[1:], strict=False)):
+        ax.axvspan(start, end, color="tab:green" if k % 2 else "tab:gray", alpha=0.06, linewidth=0)
+    for event in promotions:
+        for axis in (ax, served):
+            axis.axvline(event["at_rating"], color="tab:red", linestyle=":", linewidth=1.5)
+        ax.annotate(f"live: {event['to'] or record['base_model']}", (event["at_rating"], 0.98),
+                    xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right", fontsize=7,
+                    color="tab:red")
+
+
 def _plot_evals(ax, record: dict) -> None:
     styles = {"base": ("tab:gray", "s"), "live": ("tab:green", "D"), "canary": ("tab:orange", "^"),
               "candidate": ("tab:purple", "v")}
     for role, (color, marker) in styles.items():
-        points = [e for e in record["evals"] if e["role"] == role]
+        points = sorted((e for e in record["evals"] if e["role"] == role), key=lambda e: e["at_rating"])
         if not points:
             continue
         label = f"pinned eval: {role} ({record['eval_prompts']} unseen prompts, mean P(up) ± s.e.)"
         ax.errorbar([e["at_rating"] for e in points], [e["liked_share"] for e in points],
                     yerr=[e["stderr"] for e in points], color=color, marker=marker, capsize=3,
-                    linestyle="-" if role == "live" else "none", label=label)
+                    linestyle="-" if role == "live" else "none", drawstyle="steps-post", label=label)
     base = [e for e in record["evals"] if e["role"] == "base"]
     if base:
         ax.axhline(base[0]["liked_share"], color="tab:gray", linewidth=0.8, alpha=0.6)

@@ -131,7 +131,7 @@ class Simulation:
         latency = time.monotonic() - sent
         p_up = self.preference.p_up(answer.text)
         rating = "up" if rng.random() < p_up else "down"
-        await self.client.feedback(answer.completion_id, rating, feedback_id=f"sim-{answer.completion_id}")
+        await self.client.feedback(answer.completion_id, rating, feedback_id=f"sim-{answer.completion_id}", user=user)
         return Rating(len(self.ratings), round(time.monotonic() - self.started, 3), datetime.now(UTC).isoformat(),
                       user, prompt_index, answer.completion_id, answer.model, round(p_up, 4), rating, 202,
                       round(latency, 3), answer.finish_reason, answer.completion_tokens, answer.text)

@@ -14,10 +14,10 @@ from liveloop.simulate.evaluate import evaluate, mean_and_stderr
 from liveloop.simulate.preferences import P_MET, P_MISS, PREFERENCES
 from liveloop.simulate.prompts import eval_prompts, train_prompts
 from liveloop.simulate.run import Simulation, SimulationConfig
-from liveloop.tables import Feedback
+from liveloop.tables import Completion, Feedback
 from tests.serving.conftest import running_server
 
-ADMIN, USER_KEY = "admin-secret", "sim-key"
+ADMIN, USER_KEYS = "admin-secret", ["key-a", "key-b", "key-c"]
 HALF = (P_MET + P_MISS) / 2
 
 
@@ -73,7 +73,8 @@ def test_evaluation_prompts_are_packaged_and_unseen_by_users():
 @pytest.fixture
 def server(make_settings, tiny_model_dir):
     """The app on the tiny model with an API key and an admin token, and a registry of its database."""
-    settings = make_settings(base_model=tiny_model_dir, admin_token=ADMIN, api_keys=[f"sim:{USER_KEY}"],
+    settings = make_settings(base_model=tiny_model_dir, admin_token=ADMIN,
+                             api_keys=[f"user-{key}:{key}" for key in USER_KEYS],
                              adapter_poll_s=0.2)
     engine = make_engine(settings.resolved_database_url)
     with running_server(settings) as url:
@@ -82,7 +83,7 @@ def server(make_settings, tiny_model_dir):
 
 
 def _simulation(url, tmp_path, preference="numbers", **config) -> tuple[Simulation, LiveloopClient]:
-    client = LiveloopClient(url, api_key=USER_KEY, admin_token=ADMIN, timeout_s=60)
+    client = LiveloopClient(url, api_keys=USER_KEYS, admin_token=ADMIN, timeout_s=60)
     config = SimulationConfig(**{"ratings": 24, "users": 4, "population": 10, "eval_every": 8, "eval_prompts": 6,
                                  "window": 8, "params": SamplingParams(max_tokens=8), "poll_every_s": 0.05,
                                  "log_every_s": 0.5} | config)
@@ -110,7 +111,11 @@ def test_a_short_run_stores_every_rating_with_its_version_and_writes_json_and_pn
     assert {r["user"] for r in ratings} <= {f"sim-{record['run_id']}-{i:04d}" for i in range(10)}
     with engine.connect() as connection:
         stored = dict(connection.execute(sa.select(Feedback.completion_id, Feedback.rating)).all())
+        owners = dict(connection.execute(sa.select(Completion.id, Completion.user_id)).all())
     assert stored == {r["completion_id"]: r["rating"] for r in ratings}
+    key_of_user = {(r["user"], owners[r["completion_id"]]) for r in ratings}
+    assert len(key_of_user) == len({r["user"] for r in ratings})  # each simulated user keeps one key
+    assert len({key for _, key in key_of_user}) > 1
 
     roles = [(e["role"], e["at_rating"]) for e in record["evals"]]
     assert roles[:2] == [("base", 0), ("live", 0)] and roles[-2:] == [("base", 24), ("live", 24)]
@@ -156,7 +161,7 @@ def test_evaluation_pins_the_model_it_names(server):
     url, registry, _ = server
 
     async def run():
-        async with LiveloopClient(url, api_key=USER_KEY) as client:
+        async with LiveloopClient(url, api_keys=USER_KEYS) as client:
             base = (await client.routing()).base_model
             return await evaluate(client, base, eval_prompts()[:4], PREFERENCES["concise"],
                                   params=SamplingParams(max_tokens=4), samples_per_prompt=2)
