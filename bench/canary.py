@@ -5,7 +5,8 @@
 Canaries: each rating goes to the canary with probability ``canary_fraction`` and is up with its side's rate;
 the rule looks after every rating (``liveloop.promotion.simulate_canaries``). Three cases: equal rates (random
 raters), the canary 10 points better, 10 points worse. Reported: the share promoted, rejected by the test and
-rejected at the cap, and the ratings (both sides) a decision took, mean and 90th percentile.
+rejected at the cap, and the ratings (both sides) a decision took, mean and 90th percentile. Then the same with 8
+users who each stay on one side and differ in how often they press thumbs up (``simulate_user_canaries``).
 
 Rollbacks: a reference of 100, 400 or 1,000 ratings of the predecessor, then up to 2,000 of the new version, the
 rule looked at after each (``simulate_rollbacks``). Reported: the share rolled back, and after how many ratings.
@@ -27,8 +28,15 @@ from liveloop.promotion import (  # noqa: E402
     RollbackRule,
     simulate_canaries,
     simulate_rollbacks,
+    simulate_user_canaries,
 )
 from liveloop.settings import Settings  # noqa: E402
+
+
+def chunked(simulate, count: int, seed: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """``simulate`` for ``count`` canaries, 1,000 at a time so that memory stays near 100 MB."""
+    runs = [simulate(canaries=min(1000, count - start), seed=seed + start, **kwargs) for start in range(0, count, 1000)]
+    return np.concatenate([o for o, _ in runs]), np.concatenate([n for _, n in runs])
 
 
 def canaries(settings: Settings, base: float, count: int, seed: int) -> None:
@@ -37,13 +45,24 @@ def canaries(settings: Settings, base: float, count: int, seed: int) -> None:
           f"min {rule.min_ratings} per side, cap {rule.max_ratings} in all; {count} canaries, live rate {base}")
     print(f"{'case':<22}{'promoted':>10}{'rejected':>10}{'at cap':>9}{'ratings mean':>14}{'p90':>7}")
     for case, delta in [("equal (random raters)", 0.0), ("10 points better", 0.1), ("10 points worse", -0.1)]:
-        outcomes, ratings = map(np.concatenate, zip(*(  # in chunks of 1,000: memory stays ~100 MB
-            simulate_canaries(base + delta, base, rule, fraction=settings.canary_fraction,
-                              canaries=min(1000, count - start), seed=seed + start)
-            for start in range(0, count, 1000))))
+        outcomes, ratings = chunked(simulate_canaries, count, seed, p_canary=base + delta, p_live=base, rule=rule,
+                                    fraction=settings.canary_fraction)
         shares = [np.mean(outcomes == o) for o in (Outcome.PROMOTE, Outcome.REJECT, Outcome.CAP)]
         print(f"{case:<22}" + "".join(f"{s:>10.1%}" for s in shares[:2]) + f"{shares[2]:>9.1%}"
               f"{ratings.mean():>14.0f}{np.percentile(ratings, 90):>7.0f}")
+
+
+def few_users(settings: Settings, base: float, count: int, seed: int) -> None:
+    rule = CanaryRule.from_settings(settings)
+    print(f"\ncanary with 8 users, each on one side, their own thumbs-up rates around {base} (sd); {count} canaries")
+    print(f"{'case':<22}{'rate sd':>8}{'promoted':>10}{'rejected':>10}{'at cap':>9}{'ratings mean':>14}{'p90':>7}")
+    for case, delta in [("equal (random raters)", 0.0), ("10 points better", 0.1)]:
+        for rate_sd in (0.0, 0.05, 0.1):
+            outcomes, ratings = chunked(simulate_user_canaries, count, seed, p_canary=base + delta, p_live=base,
+                                        rule=rule, fraction=settings.canary_fraction, users=8, rate_sd=rate_sd)
+            shares = [np.mean(outcomes == o) for o in (Outcome.PROMOTE, Outcome.REJECT, Outcome.CAP)]
+            print(f"{case:<22}{rate_sd:>8}" + "".join(f"{s:>10.1%}" for s in shares[:2]) + f"{shares[2]:>9.1%}"
+                  f"{ratings.mean():>14.0f}{np.percentile(ratings, 90):>7.0f}")
 
 
 def rollbacks(settings: Settings, base: float, count: int, seed: int) -> None:
@@ -71,6 +90,7 @@ def main() -> None:
     if args.fraction is not None:
         settings = settings.model_copy(update={"canary_fraction": args.fraction})
     canaries(settings, args.base, args.canaries, args.seed)
+    few_users(settings, args.base, args.canaries, args.seed)
     rollbacks(settings, args.base, args.canaries, args.seed)
 
 

@@ -282,12 +282,35 @@ def simulate_canaries(p_canary: float, p_live: float, rule: CanaryRule, *, fract
     rng = np.random.default_rng(seed)
     on_canary = rng.random((canaries, rule.max_ratings)) < fraction  # (C, N)
     up = rng.random((canaries, rule.max_ratings)) < np.where(on_canary, p_canary, p_live)
-    new_n = np.cumsum(on_canary, axis=1)
-    live_n = np.arange(1, rule.max_ratings + 1) - new_n
+    return _first_decisions(on_canary, up, rule)
+
+
+def simulate_user_canaries(p_canary: float, p_live: float, rule: CanaryRule, *, fraction: float, users: int,
+                           rate_sd: float, canaries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """As ``simulate_canaries``, but the ratings come from ``users`` users taking turns at random, each on one side
+    for the whole canary (as the stable hash puts them), and each with a thumbs-up rate of their own: Beta with
+    mean ``p_live`` and standard deviation ``rate_sd``, plus ``p_canary − p_live`` when served the canary."""
+    rng = np.random.default_rng(seed)
+    if rate_sd > 0:
+        strength = p_live * (1 - p_live) / rate_sd**2 - 1
+        rates = rng.beta(p_live * strength, (1 - p_live) * strength, size=(canaries, users))  # (C, U)
+    else:
+        rates = np.full((canaries, users), p_live)
+    inside = rng.random((canaries, users)) < fraction  # (C, U)
+    who = rng.integers(0, users, size=(canaries, rule.max_ratings))  # (C, N)
+    on_canary = np.take_along_axis(inside, who, axis=1)
+    p_up = np.take_along_axis(rates, who, axis=1) + np.where(on_canary, p_canary - p_live, 0.0)
+    return _first_decisions(on_canary, rng.random(p_up.shape) < p_up, rule)
+
+
+def _first_decisions(on_canary: np.ndarray, up: np.ndarray, rule: CanaryRule) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's outcome at its first look that decides, and the ratings that took; looks after every rating."""
+    new_n = np.cumsum(on_canary, axis=1)  # (C, N)
+    live_n = np.arange(1, on_canary.shape[1] + 1) - new_n
     outcomes = canary_outcome(np.cumsum(up & on_canary, axis=1), new_n, np.cumsum(up & ~on_canary, axis=1),
-                              live_n, rule)  # (C, N); the last column is decided (CAP at the latest)
+                              live_n, rule)  # the last column is decided (CAP at the latest)
     first = np.argmax(outcomes != Outcome.CONTINUE, axis=1)
-    return outcomes[np.arange(canaries), first], first + 1
+    return outcomes[np.arange(len(outcomes)), first], first + 1
 
 
 def simulate_rollbacks(p_new: float, p_reference: float, rule: RollbackRule, *, reference_n: int, watched: int,
