@@ -44,11 +44,11 @@ from feedback.broker import free_port
 from liveloop.adapters import default_lora_config, save_adapter
 from liveloop.artifacts import LocalArtifactStore
 from liveloop.db import make_engine, make_sessionmaker, migrate
+from liveloop.engine.batch import DecodeBatch
 from liveloop.model import BaseModel, load_base_model
 from liveloop.registry import Registry
 from liveloop.sampling import SamplingParams
 from liveloop.settings import Settings
-from serving.batch import DecodeBatch
 from serving.engine import Engine, GenerationRequest
 
 QUESTIONS = [

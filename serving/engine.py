@@ -4,9 +4,9 @@ One thread owns the model. Each ``step``:
   1. runs queued control work (new adapter slots, log-prob spot checks) and unloads adapters nobody uses any
      more, so a forward pass never sees the model's adapters change under it;
   2. drops cancelled requests (queued or running);
-  3. admits waiting requests: one left-padded prefill for all of them, their first token sampled, their rows
-     merged into the running batch (``serving.batch``);
-  4. decodes one token for every running row, streams it, and drops finished rows at once.
+  3. runs the shared decode step (``liveloop.engine.model_runner``): admits waiting requests with one left-padded
+     prefill, their first token sampled and their rows merged into the running batch, then decodes one token for
+     every running row, streams it, and drops finished rows at once.
 
 Rows of one batch may use different adapters: peft's ``adapter_names`` applies each row's own (unmerged) LoRA
 weights, and ``"__base__"`` means none. Unmerged LoRA costs decode speed on CPU (see bench/serving.py), but merging
@@ -43,10 +43,11 @@ from pathlib import Path
 import torch
 
 from liveloop.adapters import AdapterWeights, read_adapter
+from liveloop.engine.model_runner import ModelRunner
+from liveloop.engine.sequence import Sequence
 from liveloop.model import BaseModel
-from liveloop.sampling import BASE_ADAPTER, SamplingParams, sample, sampling_logprobs, sequence_logprobs
+from liveloop.sampling import BASE_ADAPTER, SamplingParams, sequence_logprobs
 from serving import metrics
-from serving.batch import DecodeBatch
 from serving.detokenize import IncrementalText
 from serving.slots import Slot, SlotPool
 
@@ -195,21 +196,43 @@ def _resolve(future: asyncio.Future) -> None:
         future.set_result(None)
 
 
-class _Sequence:
-    """One request's life in the engine: its stream, random generator, tokens and text so far."""
+class _ServedSequence(Sequence):
+    """One request's life in the engine: the core sequence plus its stream and text, and stop strings applied."""
 
-    def __init__(self, request: GenerationRequest, stream: RequestStream, text: IncrementalText):
-        self.request, self.stream, self.text = request, stream, text
-        self.params = request.params
-        self.generator = torch.Generator()
+    def __init__(self, request: GenerationRequest, stream: RequestStream, text: IncrementalText, slot: str | None,
+                 on_done: Callable[[_ServedSequence], None]):
+        generator = torch.Generator()
         if request.params.seed is None:
-            self.generator.seed()
+            generator.seed()
         else:
-            self.generator.manual_seed(request.params.seed)
-        self.token_ids: list[int] = []
-        self.logprobs: list[float] = []
+            generator.manual_seed(request.params.seed)
+        super().__init__(request.prompt_ids, request.params, generator=generator, adapter=slot)
+        self.request, self.stream, self.text = request, stream, text
         self.submitted = time.perf_counter()
-        self.finished = False
+        self._on_done = on_done
+
+    def append(self, token: int, logprob: float, reason: str | None) -> None:
+        self.token_ids.append(token)
+        self.logprobs.append(logprob)
+        metrics.GENERATED_TOKENS.inc()
+        if len(self.token_ids) == 1:
+            metrics.TIME_TO_FIRST_TOKEN.observe(time.perf_counter() - self.submitted)
+        text = "" if reason == "stop" else self.text.push(token)  # "stop" from the runner: an end token
+        if self.text.stopped:
+            reason = "stop"
+        if reason is not None:
+            text += self.text.flush()
+        self.stream._publish(event=TokenEvent(token, logprob, text))
+        if reason is not None:
+            self.finish(reason)
+
+    def finish(self, reason: str) -> None:
+        super().finish(reason)
+        self._on_done(self)
+
+    def fail(self, error: BaseException) -> None:
+        super().fail(error)
+        self._on_done(self)
 
 
 class Engine:
@@ -226,12 +249,11 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         self.dtype = str(base.dtype).removeprefix("torch.")
         self._slots = SlotPool(base.model)
-        self._eos = base.eos_token_ids
         self._vocab_size = base.model.get_input_embeddings().num_embeddings
         self._tokenizer = base.tokenizer.backend_tokenizer
         # Shared with other threads, guarded by _lock (which also wakes the engine thread).
         self._lock = threading.Condition()
-        self._waiting: deque[_Sequence] = deque()
+        self._waiting: deque[_ServedSequence] = deque()
         self._tasks: deque[tuple[Callable[[], object], Future]] = deque()
         self._adapters: set[str] = set()
         self._slot_of: dict[str, Slot] = {}  # loaded adapter (servable or unloading) → the slot holding it
@@ -241,8 +263,7 @@ class Engine:
         self._stopped = False
         self._thread: threading.Thread | None = None
         # Engine thread only.
-        self._running: list[_Sequence] = []
-        self._batch: DecodeBatch | None = None
+        self._runner = ModelRunner(eos_token_ids=base.eos_token_ids, context_length=base.context_length)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -288,7 +309,7 @@ class Engine:
 
     def _has_work(self) -> bool:
         unloadable = any(self._pins[name] == 0 for name in self._unloading)
-        return bool(self._waiting or self._tasks or self._running or unloadable)
+        return bool(self._waiting or self._tasks or self._runner.running or unloadable)
 
     def _wake(self) -> None:
         with self._lock:
@@ -296,10 +317,11 @@ class Engine:
 
     def _abandon(self, error: EngineError) -> None:
         with self._lock:
-            sequences, self._waiting = [*self._running, *self._waiting], deque()
+            waiting, self._waiting = list(self._waiting), deque()
             tasks, self._tasks = list(self._tasks), deque()
-        self._running, self._batch = [], None
-        self._fail(sequences, error)
+        for sequence in [*self._runner.clear(), *waiting]:
+            if not sequence.finished:
+                sequence.fail(error)
         for _, future in tasks:
             future.cancel()
         self._update_gauges()
@@ -311,13 +333,15 @@ class Engine:
         EngineFull (the queue holds ``max_queue`` waiting requests) or EngineStopped."""
         self._validate(request)
         stream = RequestStream(request, self._wake)
-        sequence = _Sequence(request, stream, IncrementalText(self._tokenizer, request.params.stop))
+        text = IncrementalText(self._tokenizer, request.params.stop)
         with self._lock:
             if self._stopped:
                 raise EngineStopped("the engine is shut down")
             self._require_servable(request.adapter)
             if len(self._waiting) >= self.max_queue:
                 raise EngineFull(f"{len(self._waiting)} requests are already waiting")
+            slot = None if request.adapter is None else self._slot_of[request.adapter].name
+            sequence = _ServedSequence(request, stream, text, slot, self._done)
             self._pin(request.adapter)
             self._waiting.append(sequence)
             metrics.QUEUE_DEPTH.set(len(self._waiting))
@@ -480,128 +504,58 @@ class Engine:
         self._run_tasks()
         self._unload_unused()
         self._drop_cancelled()
-        admitted = self._admit()
-        decoded = self._decode() if self._running else 0
+        newcomers = self._take_waiting()
+        outcome = self._runner.step(self.model, newcomers)
+        if outcome.prefill_seconds is not None:
+            metrics.STEP_SECONDS.labels("prefill").observe(outcome.prefill_seconds)
+            metrics.PROMPT_TOKENS.inc(sum(len(s.prompt_ids) for s in newcomers))
+        if outcome.decode_seconds is not None:
+            metrics.STEP_SECONDS.labels("decode").observe(outcome.decode_seconds)
         self._unload_unused()
         self._update_gauges()
-        return StepStats(admitted=admitted, decoded=decoded)
+        return StepStats(admitted=outcome.admitted, decoded=outcome.decoded)
 
     def _drop_cancelled(self) -> None:
         with self._lock:
             cancelled = [s for s in self._waiting if s.stream.cancel_requested]
             self._waiting = deque(s for s in self._waiting if not s.stream.cancel_requested)
-        for sequence in cancelled + [s for s in self._running if s.stream.cancel_requested]:
-            self._finish(sequence, "cancelled")
-        self._batch, self._running = _compact(self._batch, self._running)
+        for sequence in cancelled + [s for s in self._runner.running if s.stream.cancel_requested]:
+            sequence.finish("cancelled")
+        self._runner.drop_finished()
 
-    def _admit(self) -> int:
-        newcomers = self._take_waiting()
-        if not newcomers:
-            return 0
-        started = time.perf_counter()
-        try:
-            batch, logits = DecodeBatch.prefill(self.model, [s.request.prompt_ids for s in newcomers],
-                                                **self._adapter_kwargs(newcomers))
-            self._sample(newcomers, logits)
-        except Exception as exc:  # e.g. out of memory: these requests fail, the running batch goes on
-            log.exception("prefill of %d requests failed", len(newcomers))
-            self._fail(newcomers, exc)
-            return 0
-        metrics.STEP_SECONDS.labels("prefill").observe(time.perf_counter() - started)
-        metrics.PROMPT_TOKENS.inc(sum(len(s.request.prompt_ids) for s in newcomers))
-        batch, newcomers = _compact(batch, newcomers)
-        if newcomers:
-            self._batch = batch if self._batch is None else self._batch.merge(batch)
-            self._running += newcomers
-        return len(newcomers)
-
-    def _take_waiting(self) -> list[_Sequence]:
+    def _take_waiting(self) -> list[_ServedSequence]:
         """Pop as many waiting requests as free rows and the prefill budget allow (at least one)."""
-        taken: list[_Sequence] = []
-        longest = 0
+        taken: list[_ServedSequence] = []
+        longest, running = 0, len(self._runner.running)
         with self._lock:
-            while self._waiting and len(self._running) + len(taken) < self.max_batch_size:
-                longest = max(longest, len(self._waiting[0].request.prompt_ids))
+            while self._waiting and running + len(taken) < self.max_batch_size:
+                longest = max(longest, len(self._waiting[0].prompt_ids))
                 if taken and longest * (len(taken) + 1) > self.max_prefill_tokens:
                     break
                 taken.append(self._waiting.popleft())
             metrics.QUEUE_DEPTH.set(len(self._waiting))
         return taken
 
-    def _decode(self) -> int:
-        sequences = self._running
-        started = time.perf_counter()
-        tokens = torch.tensor([s.token_ids[-1] for s in sequences], device=self.base.device)
-        try:
-            logits = self._batch.decode(self.model, tokens, **self._adapter_kwargs(sequences))
-            self._sample(sequences, logits)
-        except Exception as exc:  # the batch's cache is in an unknown state: its requests fail, the engine goes on
-            log.exception("decode step of %d sequences failed", len(sequences))
-            self._fail(sequences, exc)
-            self._running, self._batch = [], None
-            return 0
-        metrics.STEP_SECONDS.labels("decode").observe(time.perf_counter() - started)
-        self._batch, self._running = _compact(self._batch, sequences)
-        return len(sequences)
-
-    def _adapter_kwargs(self, sequences: list[_Sequence]) -> dict:
-        if self._slots.peft is None:
-            return {}
-        return {"adapter_names": [self.adapter_slot(s.request.adapter) or BASE_ADAPTER for s in sequences]}
-
-    def _sample(self, sequences: list[_Sequence], logits: torch.Tensor) -> None:
-        """Sample one token per row of logits (N, V) and hand it to its sequence."""
-        temperature = torch.tensor([s.params.temperature for s in sequences], device=logits.device)
-        top_p = torch.tensor([s.params.top_p for s in sequences], device=logits.device)
-        logp = sampling_logprobs(logits, temperature, top_p)  # (N, V)
-        uniforms = torch.cat([torch.rand(1, generator=s.generator) for s in sequences])  # (N,)
-        tokens, chosen = sample(logp, uniforms)
-        for sequence, token, logprob in zip(sequences, tokens.tolist(), chosen.tolist(), strict=True):
-            self._append(sequence, token, logprob)
-        metrics.GENERATED_TOKENS.inc(len(sequences))
-
-    def _append(self, sequence: _Sequence, token: int, logprob: float) -> None:
-        sequence.token_ids.append(token)
-        sequence.logprobs.append(logprob)
-        if len(sequence.token_ids) == 1:
-            metrics.TIME_TO_FIRST_TOKEN.observe(time.perf_counter() - sequence.submitted)
-        text = "" if token in self._eos else sequence.text.push(token)
-        reason = None
-        if token in self._eos or sequence.text.stopped:
-            reason = "stop"
-        elif (len(sequence.token_ids) >= sequence.params.max_tokens
-              or len(sequence.request.prompt_ids) + len(sequence.token_ids) >= self.base.context_length):
-            reason = "length"
-        if reason is not None:
-            text += sequence.text.flush()
-        sequence.stream._publish(event=TokenEvent(token, logprob, text))
-        if reason is not None:
-            self._finish(sequence, reason)
-
-    def _finish(self, sequence: _Sequence, reason: str) -> None:
-        sequence.finished = True
+    def _done(self, sequence: _ServedSequence) -> None:
+        """Publish a finished or failed sequence's outcome and release its adapter."""
+        self._unpin(sequence.request.adapter)
+        if sequence.error is not None:
+            metrics.FINISHED.labels("error").inc()
+            sequence.stream._publish(error=sequence.error)
+            return
         result = GenerationResult(
             token_ids=list(sequence.token_ids), logprobs=list(sequence.logprobs), text=sequence.text.text,
-            finish_reason=reason, prompt_tokens=len(sequence.request.prompt_ids), adapter=sequence.request.adapter,
-            dtype=self.dtype,
+            finish_reason=sequence.finish_reason, prompt_tokens=len(sequence.prompt_ids),
+            adapter=sequence.request.adapter, dtype=self.dtype,
         )
-        self._unpin(sequence.request.adapter)
-        metrics.FINISHED.labels(reason).inc()
+        metrics.FINISHED.labels(sequence.finish_reason).inc()
         sequence.stream._publish(result=result)
-
-    def _fail(self, sequences: list[_Sequence], error: BaseException) -> None:
-        for sequence in sequences:
-            if not sequence.finished:
-                sequence.finished = True
-                self._unpin(sequence.request.adapter)
-                metrics.FINISHED.labels("error").inc()
-                sequence.stream._publish(error=error)
 
     def _update_gauges(self) -> None:
         with self._lock:
             metrics.QUEUE_DEPTH.set(len(self._waiting))
             metrics.ADAPTERS_LOADED.set(len(self._adapters))
-        metrics.RUNNING.set(len(self._running))
+        metrics.RUNNING.set(len(self._runner.running))
 
 
 def _settle(future: Future, work: Callable[[], object]) -> None:
@@ -614,12 +568,3 @@ def _settle(future: Future, work: Callable[[], object]) -> None:
         log.warning("engine work failed: %s", exc)
         future.set_exception(exc)
 
-
-def _compact(batch: DecodeBatch | None, sequences: list[_Sequence]) -> tuple[DecodeBatch | None, list[_Sequence]]:
-    """Drop finished rows from the batch and the matching sequence list."""
-    keep = [i for i, s in enumerate(sequences) if not s.finished]
-    if len(keep) == len(sequences):
-        return batch, sequences
-    if not keep:
-        return None, []
-    return batch.select(keep), [sequences[i] for i in keep]

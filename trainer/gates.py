@@ -43,13 +43,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from transformers import PreTrainedTokenizerBase
 
 from liveloop.adapters import AdapterArtifactError
+from liveloop.engine.offline import Generation, generate
 from liveloop.registry import Registry, current_rating
 from liveloop.sampling import SamplingParams, sampling_logprobs, sequence_logprobs, token_logprobs
 from liveloop.settings import Settings
 from liveloop.tables import Completion, Feedback
 from trainer.heldout import GATES_SPLIT, is_heldout
 from trainer.reward_model import adapter_active
-from trainer.rollout import Generation, generate
 from trainer.tokens import left_pad, position_ids
 
 log = logging.getLogger(__name__)
@@ -262,8 +262,8 @@ class Gates:
 
     def _generate(self, prompts: list[tuple[int, ...]]) -> list[Generation]:
         greedy = SamplingParams(temperature=0.0, max_tokens=self.settings.gate_max_new_tokens)
-        return generate(self.model, prompts, [greedy] * len(prompts), pad_token_id=self._pad,
-                        eos_token_ids=self.eos_token_ids, generator=torch.Generator().manual_seed(0))
+        return generate(self.model, prompts, [greedy] * len(prompts), eos_token_ids=self.eos_token_ids,
+                        generator=torch.Generator().manual_seed(0))
 
     def _base(self, prompts: list[tuple[int, ...]]) -> list[Generation]:
         """The base model's greedy responses, remembered for the last prompt set (it changes slowly)."""

@@ -21,6 +21,7 @@ from prometheus_client import REGISTRY
 from transformers import AutoModelForCausalLM
 
 from liveloop.adapters import AdapterArtifactError, default_lora_config, save_adapter
+from liveloop.engine.offline import generate
 from liveloop.model import BaseModel, load_base_model
 from liveloop.sampling import SamplingParams, sequence_logprobs
 from serving.engine import (
@@ -237,6 +238,22 @@ def test_rows_with_different_adapters_in_one_batch_each_get_their_own(make_engin
         assert_same_generation(result, alone(engine, req))
     assert_same_generation(results[0], base_before_any_adapter)  # "__base__" rows are the plain model
     assert len({tuple(r.token_ids) for r in results[:3]}) == 3
+
+
+def test_offline_generate_runs_the_engines_step_and_gets_its_tokens(make_engine, tiny_base, make_adapter_dir):
+    """The trainer's rollouts and the gates generate with ``liveloop.engine.offline.generate``: the same seeded
+    requests on the same adapter give exactly the tokens, log-probs and finish reasons the engine serves."""
+    engine = make_engine()
+    load(engine, "a", make_adapter_dir("a", scale=0.5))
+    requests = [GenerationRequest(chat(tiny_base, content), params, adapter="a") for content, params in MIXED]
+    served = run(engine, [engine.submit(r) for r in requests])
+    offline = generate(engine.model, [r.prompt_ids for r in requests], [r.params for r in requests],
+                       eos_token_ids=tiny_base.eos_token_ids, generator=torch.Generator(),
+                       adapter=engine.adapter_slot("a"))
+    for result, generation in zip(served, offline, strict=True):
+        assert list(generation.response_ids) == result.token_ids
+        assert list(generation.behaviour_logprobs) == result.logprobs
+        assert generation.finish_reason == result.finish_reason
 
 
 def test_adapter_loads_between_steps_while_requests_run(make_engine, tiny_base, make_adapter_dir):

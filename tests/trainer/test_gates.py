@@ -10,6 +10,7 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from liveloop.adapters import default_lora_config, save_adapter
+from liveloop.engine.offline import generate
 from liveloop.sampling import SamplingParams
 from liveloop.tables import Completion, Feedback
 from trainer.gates import (
@@ -23,7 +24,6 @@ from trainer.gates import (
 )
 from trainer.heldout import GATES_SPLIT, is_heldout
 from trainer.reward_model import adapter_active
-from trainer.rollout import generate
 
 NO_DATA = HeldOut(prompts=[], rated=[])
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -134,8 +134,8 @@ def logged(model, tokenizer, adapter, prompts, thumbs_up: bool, seed: int) -> li
     params = [SamplingParams(temperature=1.0, max_tokens=8)] * len(prompts)
     context = model.disable_adapter() if adapter is None else adapter_active(model, adapter, trainable=False)
     with context:
-        generations = generate(model, prompts, params, pad_token_id=tokenizer.pad_token_id,
-                               eos_token_ids={tokenizer.eos_token_id}, generator=torch.Generator().manual_seed(seed))
+        generations = generate(model, prompts, params, eos_token_ids={tokenizer.eos_token_id},
+                               generator=torch.Generator().manual_seed(seed))
     return [LoggedSample(g.prompt_ids, g.response_ids, g.behaviour_logprobs, g.sampling_params, thumbs_up)
             for g in generations]
 

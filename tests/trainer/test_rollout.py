@@ -7,11 +7,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from liveloop.engine.offline import Generation, generate
 from liveloop.sampling import SamplingParams, sequence_logprobs
 from trainer.config import PPOConfig
 from trainer.policy import POLICY_ADAPTER, PolicyValueModel
 from trainer.reward_model import RewardModel
-from trainer.rollout import Generation, RolloutConfig, fresh_samples, generate, rollout_params
+from trainer.rollout import RolloutConfig, fresh_samples, rollout_params
 from trainer.update import ppo_update
 
 PAD, EOS = 2, {2}
@@ -35,7 +36,7 @@ def recomputed_logprobs(model, generation: Generation) -> torch.Tensor:
 
 
 def test_recorded_logprobs_equal_a_full_forward_recomputation(tiny_peft_model):
-    generations = generate(tiny_peft_model, PROMPTS, PARAMS, pad_token_id=PAD, eos_token_ids=EOS,
+    generations = generate(tiny_peft_model, PROMPTS, PARAMS, eos_token_ids=EOS,
                            generator=torch.Generator().manual_seed(0))
     assert [g.prompt_ids for g in generations] == PROMPTS
     assert [len(g.response_ids) for g in generations] == [p.max_tokens for p in PARAMS]  # a random model: no EOS
@@ -48,7 +49,7 @@ def test_recorded_logprobs_equal_a_full_forward_recomputation(tiny_peft_model):
 
 def test_rollouts_use_the_active_policy_adapter(tiny_peft_model):
     greedy = [SamplingParams(temperature=0.0, max_tokens=6)] * len(PROMPTS)
-    kwargs = {"pad_token_id": PAD, "eos_token_ids": EOS, "generator": torch.Generator()}
+    kwargs = {"eos_token_ids": EOS, "generator": torch.Generator()}
     with_policy = generate(tiny_peft_model, PROMPTS, greedy, **kwargs)
     with tiny_peft_model.disable_adapter():
         without = generate(tiny_peft_model, PROMPTS, greedy, **kwargs)
@@ -59,8 +60,8 @@ def test_rows_end_at_an_end_token_or_max_tokens(tiny_peft_model):
     # half the vocabulary counts as an end token, so rows stop after a step or two, at different steps
     ends = set(range(0, tiny_peft_model.config.vocab_size, 2))
     params = [SamplingParams(temperature=1.0, max_tokens=1 + i % 6) for i in range(24)]
-    generations = generate(tiny_peft_model, [(1, 17 + i) for i in range(24)], params, pad_token_id=PAD,
-                           eos_token_ids=ends, generator=torch.Generator().manual_seed(3))
+    generations = generate(tiny_peft_model, [(1, 17 + i) for i in range(24)], params, eos_token_ids=ends,
+                           generator=torch.Generator().manual_seed(3))
     for generation in generations:
         *body, last = generation.response_ids
         assert not ends & set(body) and len(generation.behaviour_logprobs) == len(generation.response_ids)
@@ -74,7 +75,7 @@ def test_rows_end_at_an_end_token_or_max_tokens(tiny_peft_model):
 
 def test_a_seeded_generator_reproduces_the_batch(tiny_peft_model):
     def run() -> list[Generation]:
-        return generate(tiny_peft_model, PROMPTS, PARAMS, pad_token_id=PAD, eos_token_ids=EOS,
+        return generate(tiny_peft_model, PROMPTS, PARAMS, eos_token_ids=EOS,
                         generator=torch.Generator().manual_seed(7))
 
     assert run() == run()
@@ -83,7 +84,7 @@ def test_a_seeded_generator_reproduces_the_batch(tiny_peft_model):
 def test_requests_beyond_the_context_are_refused(tiny_peft_model):
     too_long = [SamplingParams(max_tokens=tiny_peft_model.config.max_position_embeddings)]
     with pytest.raises(ValueError, match="prompt \\+ max_tokens"):
-        generate(tiny_peft_model, [(1, 2)], too_long, pad_token_id=PAD, eos_token_ids=EOS,
+        generate(tiny_peft_model, [(1, 2)], too_long, eos_token_ids=EOS,
                  generator=torch.Generator())
 
 

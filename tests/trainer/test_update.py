@@ -21,11 +21,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from liveloop.engine.offline import Generation, generate
 from liveloop.sampling import SamplingParams
 from trainer.config import PPOConfig
 from trainer.policy import PolicyValueModel
 from trainer.reward_model import RatedResponse, RewardModel, RewardModelConfig
-from trainer.rollout import Generation, RolloutConfig, fresh_samples, generate
+from trainer.rollout import RolloutConfig, fresh_samples
 from trainer.update import METRIC_NAMES, Sample, ppo_update
 
 REWARDED_TOKEN, EOS = 7, 2
@@ -49,7 +50,7 @@ def rollouts(policy: PolicyValueModel, n: int, seed: int) -> list[Sample]:
     generator = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(3, 64, (5,), generator=generator).tolist() for _ in range(n)]
     generations = generate(policy.model, prompts, [SamplingParams(temperature=1.0, max_tokens=8)] * n,
-                           pad_token_id=0, eos_token_ids={EOS}, generator=generator)
+                           eos_token_ids={EOS}, generator=generator)
     return [Sample(g.prompt_ids, g.response_ids, g.behaviour_logprobs, version=policy.version,
                    score=float(REWARDED_TOKEN in g.response_ids), temperature=1.0) for g in generations]
 
@@ -86,8 +87,8 @@ def prompts_without_liked_token(n: int, generator: torch.Generator) -> list[list
 def served(policy: PolicyValueModel, n: int, seed: int) -> list[Generation]:
     """n responses of the policy to prompts without the liked token, as serving samples them."""
     generator = torch.Generator().manual_seed(seed)
-    return generate(policy.model, prompts_without_liked_token(n, generator), [SERVED] * n, pad_token_id=0,
-                    eos_token_ids={EOS}, generator=generator)
+    return generate(policy.model, prompts_without_liked_token(n, generator), [SERVED] * n, eos_token_ids={EOS},
+                    generator=generator)
 
 
 def liked_share(policy: PolicyValueModel) -> float:

@@ -12,12 +12,12 @@ from feedback.events import FeedbackEvent
 from feedback.kafka import Message, Publisher, ensure_topics
 from liveloop.artifacts import LocalArtifactStore
 from liveloop.db import make_engine, make_sessionmaker, migrate
+from liveloop.engine.offline import generate
 from liveloop.model import load_base_model
 from liveloop.registry import Kind, Registry, State
 from liveloop.sampling import SamplingParams
 from liveloop.tables import utcnow
 from trainer.heldout import GATES_SPLIT, is_heldout
-from trainer.rollout import generate
 from trainer.worker import Trainer
 
 PROMPTS = ["Name a colour.", "Say hello.", "Count to three.", "Name an animal.", "Tell me a fruit.", "Say bye.",
@@ -45,8 +45,8 @@ def _served_ratings(settings, count: int) -> list[FeedbackEvent]:
     prompts = [base.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                   return_dict=True)["input_ids"] for p in PROMPTS[:count]]
     params = [SamplingParams(temperature=1.0, max_tokens=6)] * count
-    generations = generate(base.model, prompts, params, pad_token_id=base.tokenizer.pad_token_id,
-                           eos_token_ids=base.eos_token_ids, generator=torch.Generator().manual_seed(0))
+    generations = generate(base.model, prompts, params, eos_token_ids=base.eos_token_ids,
+                           generator=torch.Generator().manual_seed(0))
     events = []
     for g in generations:
         up = len(g.response_ids) < 6

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from serving.batch import _SPARE_COLUMNS, DecodeBatch
+from liveloop.engine.batch import _SPARE_COLUMNS, DecodeBatch
 
 PROMPTS = [[1, 504, 3185, 28, 1001], [1, 77, 9], [1, 4000, 4001, 4002, 4003, 4004, 4005, 4006], [1, 12, 13, 14]]
 
