@@ -9,10 +9,11 @@ Policy (``promotion_policy``):
 Canary: users for whom ``in_canary(user, canary, fraction)`` holds are served the canary, everyone else the live
 version, over the same period. At every look (each ``tick``) a sequential probability ratio test (Wald's SPRT,
 Gaussian approximation of the difference of thumbs-up rates) weighs H1 "canary = live + ``canary_effect``"
-against H0 "canary = live" and promotes, rejects, or keeps collecting (``canary_outcome``). Its error rates hold
-however often it looks. Only ratings that can decide are counted (``Registry.thumbs`` with ``requested_model``
-and ``max_per_user``): completions asked for by the alias, of identified users, the latest rating of each, at
-most ``max_ratings_per_user`` per user and side.
+against H0 "canary = live" and promotes, rejects, or keeps collecting (``canary_outcome``). Its boundaries are
+meant for a look after every rating; ``simulate_canaries`` measures its error rates looking that often. Only
+ratings that can decide are counted (``Registry.thumbs`` with ``requested_model`` and ``max_per_user``):
+completions asked for by the alias, of identified users, the latest rating of each, at most
+``max_ratings_per_user`` per user and side.
 
 Rollback: for ``rollback_window_s`` after a promotion, the new version's ratings since its promotion are compared
 with a fixed reference, its predecessor's ratings in the ``rollback_window_s`` before the promotion, by a
@@ -114,8 +115,9 @@ def canary_outcome(new_up, new_n, live_up, live_n, rule: CanaryRule) -> np.ndarr
 
 @dataclass(frozen=True)
 class RollbackRule:
-    """One-sided open SPRT of H0 "new = reference" against H1 "new = reference − effect": by Ville's inequality
-    the likelihood ratio ever reaches 1/α with probability at most α under H0, however often it is looked at."""
+    """One-sided open SPRT of H0 "new = reference" against H1 "new = reference − effect": an exact likelihood ratio
+    ever reaches 1/α under H0 with probability at most α however often it is looked at (Ville's inequality); the
+    fixed reference's own noise is outside that bound, so ``simulate_rollbacks`` measures it."""
 
     alpha: float
     effect: float
