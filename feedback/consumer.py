@@ -6,6 +6,12 @@ Guarantees, given at-least-once delivery upstream:
 - offsets move only through ``commit``, with exactly the offsets of the batches the caller durably consumed,
   so a consumer restarted mid-stream resumes after the last committed batch: nothing lost, nothing handed
   over twice.
+
+With a ``Ledger`` (the trainer's), the offsets the caller stored in the database are the truth instead: each
+partition this member is assigned is sought to its stored offset before anything is handed over (Kafka's
+committed offsets are never read), and a stored offset the partition no longer covers (beyond its high
+watermark, before its start, or a partition that is gone) means the broker lost records: the ratings no one
+consumed are republished from the database and reading goes on from where the partition ends.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from kafka.consumer.fetcher import ConsumerRecord
 from feedback import metrics
 from feedback.events import FeedbackEvent, InvalidEvent, parse_event
 from feedback.kafka import Message, Publisher, make_consumer
+from feedback.ledger import Ledger
+from feedback.replay import ReplayError, republish_unconsumed
 from liveloop.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -34,17 +42,23 @@ class Batch:
     superseded: list[FeedbackEvent] = field(default_factory=list)  # replaced by a later rating in this batch
     duplicates: int = 0
     dead_lettered: int = 0
+    generation: int = 0  # how many times the consumer had (re)positioned its partitions when it read the batch
 
 
 class FeedbackConsumer:
     """One member of a consumer group on the feedback topic. Not thread-safe (neither is KafkaConsumer)."""
 
     def __init__(self, settings: Settings, group_id: str | None = None, *, seen_event_ids: Iterable[str] = (),
-                 dedup_window: int = 1_000_000, dead_letters: Publisher | None = None):
+                 dedup_window: int = 1_000_000, dead_letters: Publisher | None = None, ledger: Ledger | None = None):
         """``seen_event_ids``: events consumed before (e.g. read back from the caller's own records), so repeats
         published after a restart are dropped too. ``dedup_window``: how many recent event ids are remembered.
-        ``dead_letters``: the publisher for the dead-letter topic; by default one on the same Kafka."""
-        self.settings = settings
+        ``dead_letters``: the publisher for the dead-letter topic; by default one on the same Kafka.
+        ``ledger``: where the caller stores its offsets (see the module docstring); None: Kafka's commits."""
+        self.settings, self.ledger = settings, ledger
+        self._assigned: set[TopicPartition] = set()  # assigned, not yet sought to the ledger's offsets
+        self._unverified: dict[TopicPartition, int] = {}  # sought to a stored offset the broker may no longer have
+        self._republish_pending = False
+        self._generation = 0
         self._consumer = make_consumer(settings, group_id or settings.feedback_consumer_group)
         self._consumer.subscribe([settings.feedback_topic], listener=_DropRevoked(self))
         self._dead_letters = dead_letters or Publisher(settings, "liveloop-dead-letters")
@@ -67,21 +81,27 @@ class FeedbackConsumer:
         metrics.DUPLICATES.inc(duplicates)
         metrics.SUPERSEDED.inc(len(superseded))
         dead = sum(message.invalid is not None for message in messages)
-        return Batch(events, offsets, superseded, duplicates, dead)
+        return Batch(events, offsets, superseded, duplicates, dead, self._generation)
 
-    def commit(self, *batches: Batch) -> None:
-        """Commit the offsets of these batches (call once their events are durably consumed). Raises
-        kafka.errors.CommitFailedError if the group rebalanced since: their messages will come again."""
+    def offsets_of(self, *batches: Batch) -> dict[TopicPartition, int]:
+        """Per partition, the offset after the last message of these batches: what to store once they are
+        durably consumed. Batches read before the partitions were last repositioned count for nothing (their
+        offsets belong to positions the consumer has left, possibly on a broker that lost them)."""
         offsets: dict[TopicPartition, int] = {}
         for batch in batches:
+            if batch.generation != self._generation:
+                continue
             for partition, offset in batch.offsets.items():
                 offsets[partition] = max(offsets.get(partition, 0), offset)
+        return offsets
+
+    def commit(self, *batches: Batch) -> None:
+        """Commit the offsets of these batches to Kafka (call once their events are durably consumed). Raises
+        kafka.errors.CommitFailedError if the group rebalanced since: their messages will come again. With a
+        ledger this is only a courtesy to lag monitoring."""
+        offsets = self.offsets_of(*batches)
         if offsets:
             self._consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()})
-
-    def committed(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
-        """The group's committed offset of each partition (0 where nothing was committed yet)."""
-        return {tp: self._consumer.committed(tp) or 0 for tp in partitions}
 
     def close(self) -> None:
         self._consumer.close(autocommit=False)
@@ -98,12 +118,70 @@ class FeedbackConsumer:
         while len(self._buffer) < max_messages:
             timeout_ms = max(0, int((deadline - time.monotonic()) * 1000))
             polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_messages - len(self._buffer))
+            if self._assigned:
+                polled = {tp: records for tp, records in polled.items() if tp not in self._assigned}
+                self._position()
+            if self._unverified or self._republish_pending:
+                self._verify()
             for records in polled.values():
                 self._buffer.extend(records)
             if timeout_ms == 0:
                 break
         records, self._buffer = self._buffer[:max_messages], self._buffer[max_messages:]
         return records
+
+    def _position(self) -> None:
+        """Seek newly assigned partitions to the ledger's offsets (module docstring). Records fetched from
+        elsewhere before this are dropped by the caller. Whether the broker still has the records before a stored
+        offset is known at the partition's first fetch answer (``_verify``): Tansu's ListOffsets answers the last
+        record batch's base offset + 1 for the end, while the high watermark of a fetch is right on both brokers."""
+        topic, assigned, self._assigned = self.settings.feedback_topic, sorted(self._assigned), set()
+        self._forget_partitions(set(assigned))
+        self._generation += 1
+        stored = self.ledger.offsets(topic)
+        begin = self._consumer.beginning_offsets(assigned)
+        existing = self._consumer.partitions_for_topic(topic) or set()
+        lost = {TopicPartition(topic, p): 0 for p in stored if p not in existing}  # a topic with fewer partitions
+        lost |= {tp: begin[tp] for tp in assigned if tp.partition in stored and stored[tp.partition].offset < begin[tp]}
+        for tp in assigned:
+            position = lost.get(tp, stored[tp.partition].offset if tp.partition in stored else begin[tp])
+            self._consumer.seek(tp, position)
+            if position > 0 and tp not in lost:
+                self._unverified[tp] = position
+        self._republish_pending |= any(s.lost for s in stored.values())
+        self._lost(lost)
+
+    def _verify(self) -> None:
+        """A stored offset beyond the partition's high watermark: the broker lost records (restarted empty, a new
+        cluster); reading goes on from the high watermark, after the republished ratings are sent."""
+        lost = {}
+        for tp, position in list(self._unverified.items()):
+            highwater = self._consumer.highwater(tp)
+            if highwater is not None:
+                del self._unverified[tp]
+                if position > highwater:
+                    self._consumer.seek(tp, highwater)
+                    lost[tp] = highwater
+        self._lost(lost)
+
+    def _lost(self, restart_at: dict[TopicPartition, int]) -> None:
+        if restart_at:
+            log.warning("the broker lost consumed records of %s; the ratings not consumed yet are republished",
+                        ", ".join(f"{tp.topic}:{tp.partition}" for tp in sorted(restart_at)))
+            self.ledger.mark_lost(restart_at)
+            self._republish_pending = True
+        if self._republish_pending:
+            self._republish()
+
+    def _republish(self) -> None:
+        try:
+            count = republish_unconsumed(self.ledger.sessions, self.settings)
+        except ReplayError as exc:
+            log.warning("republishing unconsumed ratings failed, will retry: %s", exc)
+            return
+        self.ledger.republished(self.settings.feedback_topic)
+        self._republish_pending = False
+        log.info("republished %d ratings that no version had consumed", count)
 
     def _dead_letter_invalid(self, messages: list[_Parsed]) -> list[_Parsed]:
         """Send the invalid messages to the dead-letter topic. A partition whose dead letter was not acknowledged
@@ -176,9 +254,14 @@ class _DropRevoked(ConsumerRebalanceListener):
 
     def on_partitions_revoked(self, revoked):
         self._owner._forget_partitions(set(revoked))
+        for tp in revoked:
+            self._owner._unverified.pop(tp, None)
 
     def on_partitions_assigned(self, assigned):
-        pass
+        # positioned by the owner after the poll returns: the listener runs on the client's network loop, where a
+        # blocking Kafka call (end offsets) would wait for itself
+        if self._owner.ledger is not None:
+            self._owner._assigned |= set(assigned)
 
 
 def latest_ratings(events: list[FeedbackEvent]) -> tuple[list[FeedbackEvent], list[FeedbackEvent]]:

@@ -2,7 +2,8 @@
 
 For backfills and disaster recovery: the embedded broker keeps nothing across restarts, and a Kafka cluster can
 lose a topic. Events go out again exactly as first published (same event ids, same keys, original order), so a
-consumer that already has some drops those as repeats.
+consumer that already has some drops those as repeats. ``republish_unconsumed`` is what the trainer's consumer
+calls when it finds that the broker lost records: every rating sent but not recorded as consumed goes out again.
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
+from sqlalchemy import Select, exists
 from sqlalchemy.orm import Session, sessionmaker
 
 from feedback.events import as_utc
 from feedback.kafka import Publisher
 from feedback.relay import OUTBOX_MESSAGES, outbox_message
 from liveloop.settings import Settings
-from liveloop.tables import OutboxMessage
+from liveloop.tables import ConsumedFeedback, OutboxMessage
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,21 @@ def replay(session_factory: sessionmaker[Session], settings: Settings, *, since:
     query = OUTBOX_MESSAGES.where(outbox.c.topic == settings.feedback_topic, outbox.c.created_at >= as_utc(since))
     if until is not None:
         query = query.where(outbox.c.created_at < as_utc(until))
+    return _republish(session_factory, settings, query, batch_size)
+
+
+def republish_unconsumed(session_factory: sessionmaker[Session], settings: Settings, *, batch_size: int = 500) -> int:
+    """Republish the feedback events the relay sent that are not in ``consumed_feedback`` (no version trained on
+    them, nor were they otherwise consumed); returns how many Kafka acknowledged. Raises ReplayError as
+    ``replay`` does; running it again is safe."""
+    outbox = OutboxMessage.__table__
+    consumed = exists().where(ConsumedFeedback.event_id == outbox.c.event_id)
+    query = OUTBOX_MESSAGES.where(outbox.c.topic == settings.feedback_topic, outbox.c.sent_at.is_not(None), ~consumed)
+    return _republish(session_factory, settings, query, batch_size)
+
+
+def _republish(session_factory: sessionmaker[Session], settings: Settings, query: Select, batch_size: int) -> int:
+    outbox = OutboxMessage.__table__
     publisher = Publisher(settings, "liveloop-replay")
     republished, after_id = 0, 0
     try:

@@ -285,11 +285,13 @@ class Registry:
     # --- registration ---------------------------------------------------------------------------------
 
     def register(self, name: str, src: Path, *, kind: Kind = Kind.POLICY, lineage: Lineage = Lineage(),
-                 training_metrics: Mapping[str, float] | None = None, actor: str = "trainer") -> AdapterVersion:
+                 training_metrics: Mapping[str, float] | None = None, actor: str = "trainer",
+                 also: Callable[[Session], None] | None = None) -> AdapterVersion:
         """Store an adapter directory and record it as a ``candidate``.
 
         Registering the same name with the same weights again returns the existing version (a retry after a
-        crash); the same name with other weights raises NameTaken.
+        crash); the same name with other weights raises NameTaken. ``also``: more writes to commit in the
+        registering transaction, after the version row (the trainer's consumed offsets and ratings).
         """
         manifest = verify_adapter(src)
         if (existing := self._existing(name, manifest["sha256"])) is not None:
@@ -309,6 +311,8 @@ class Registry:
                 session.add(version)
                 session.flush()
                 session.add(_audit(name, None, State.CANDIDATE, actor, "registered", {"sha256": version.sha256}))
+                if also is not None:
+                    also(session)
         except IntegrityError:  # registered concurrently, or a parent that does not exist
             if (existing := self._existing(name, manifest["sha256"])) is not None:
                 return existing

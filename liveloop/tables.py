@@ -4,7 +4,19 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -141,3 +153,40 @@ class OutboxMessage(Base):
     sent_at: Mapped[datetime | None]
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
+
+
+# --- what the trainer consumed (feedback/ledger.py) ----------------------------------------------------------
+
+
+class ConsumerOffset(Base):
+    """Per consumer group and partition, the offset after the last message the group durably consumed. Written
+    in the transaction that stores what the messages became (a candidate version, or the record of ratings
+    consumed without one); the consumer seeks here, and Kafka's own committed offsets are only a courtesy for
+    lag monitoring."""
+
+    __tablename__ = "consumer_offsets"
+
+    group_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    topic: Mapped[str] = mapped_column(String(249), primary_key=True)
+    partition: Mapped[int] = mapped_column(Integer, primary_key=True)
+    offset: Mapped[int] = mapped_column(BigInteger)
+    # set when the broker was found without the records this offset counts (restarted, retention, new
+    # cluster); cleared once the ratings nobody consumed have been republished
+    lost_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ConsumedFeedback(Base):
+    """Each feedback event the trainer consumed and what became of it: the record that a broker which lost its
+    data is refilled from (events not here are republished) and that keeps a completion's older revision from
+    being trained after a newer one."""
+
+    __tablename__ = "consumed_feedback"
+    __table_args__ = (Index("ix_consumed_feedback_completion", "completion_id", "revision"),)
+
+    event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    completion_id: Mapped[str] = mapped_column(String(64))
+    revision: Mapped[int] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(20))  # 'trained', 'heldout', 'superseded' or 'discarded'
+    version: Mapped[str | None] = mapped_column(ForeignKey("adapter_versions.name"))  # whose lineage holds it
+    consumed_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,13 +1,28 @@
 """The trainer process: feedback batches from Kafka → PPO update → candidate adapter → offsets → gates.
 
-Delivery semantics. Offsets are committed only after the candidate is durably written and registered, and
-each candidate records the events and the offsets it consumed. A trainer stopped between the two leaves a
-candidate whose offsets are ahead of the group's: at the next start that candidate is rejected as an orphan
-and its batch is trained again, so a rating is never lost and never counted twice in one version's lineage.
+Delivery semantics. The database, not the broker, records what was consumed (``feedback.ledger``): a batch's
+next offsets and the outcome of each of its ratings are written in the transaction that registers its
+candidate, or in one of their own when the batch yields none (all held out or superseded, no samples, update
+not applied). The consumer seeks to those offsets whenever it is assigned a partition and never reads Kafka's
+committed offsets (the commit that follows is a courtesy for lag monitoring). So a trainer stopped anywhere
+trains a batch exactly once: before the transaction nothing of it is stored and it is read again; after it,
+the batch is behind the stored offsets, and a repeat delivered anyway is dropped by event id against the
+database. When the broker has lost records (a restarted embedded broker, expired retention, a new cluster), the
+consumer republishes from the outbox every rating not recorded as consumed.
 
-Lineage. The trainer's policy is one linear chain: it resumes from the newest policy version it committed,
-whatever the gates made of it (a rejected candidate is kept from users, not erased from the optimisation;
-the KL penalty to the base model is what pulls a policy back). The base model is version 0.
+Changes of mind. Only a completion's latest rating is trained on: a rating is recorded as superseded, never
+trained, when a newer revision of its completion is in the ``feedback`` table or was consumed before (and
+within a batch only the highest revision counts). A revision that arrives after an older one of the same
+completion was trained is trained in a later update with its own, new sign: the earlier update cannot be
+undone, so the newest step follows the user's latest opinion, and each completion's revisions are trained in
+increasing order, at most once each.
+
+Lineage. Each update starts from what serves or is about to: the newest of the live (promoted), canary and
+approved policy versions, the base model (version 0) when there is none. Never from a rejected, rolled-back or
+retired version: after a rejection or a rollback the next update starts again from the live version, or from
+an approved or canary one newer than it. A candidate still waiting for its gates is judged first (at start).
+The chain cannot stall: its start always serves or may soon, and ratings of whatever version served them are
+trained on (importance-weighted, ``trainer.ppo``), so each batch can yield a candidate.
 
 Held-out ratings (a stable hash of the completion id, ``gate_holdout_fraction``) are never trained on: the
 gates estimate reward on them.
@@ -25,11 +40,14 @@ from pathlib import Path
 
 import torch
 from kafka import TopicPartition
+from kafka.errors import KafkaError
+from peft import set_peft_model_state_dict
 from sqlalchemy.orm import Session, sessionmaker
 
 from feedback.consumer import Batch, FeedbackConsumer
 from feedback.events import FeedbackEvent
-from liveloop.adapters import AdapterArtifactError, verify_adapter
+from feedback.ledger import Outcome
+from liveloop.adapters import AdapterArtifactError, read_adapter, verify_adapter
 from liveloop.model import BaseModel
 from liveloop.promotion import Promoter
 from liveloop.registry import Kind, Lineage, Registry, RegistryError, State
@@ -39,7 +57,8 @@ from trainer import metrics
 from trainer.config import PPOConfig
 from trainer.gates import Gates, judge_candidate
 from trainer.heldout import GATES_SPLIT, is_heldout
-from trainer.policy import POLICY_ADAPTER, PolicyValueModel
+from trainer.policy import POLICY_ADAPTER, Policy
+from trainer.ppo import AdaptiveKLController
 from trainer.reward_model import RatedResponse, RewardModel, RewardModelConfig
 from trainer.rollout import RolloutConfig, fresh_samples
 from trainer.update import Sample, ppo_update
@@ -62,16 +81,18 @@ class Trainer:
     def __init__(self, settings: Settings, base: BaseModel, *, registry: Registry,
                  sessions: sessionmaker[Session], consumer: FeedbackConsumer):
         self.settings, self.base, self.registry, self.sessions = settings, base, registry, sessions
-        self.consumer = consumer
+        self.consumer, self.ledger = consumer, consumer.ledger
+        assert self.ledger is not None, "the trainer's consumer seeks to the offsets stored in the database"
         base.model.train(False)
         settings.data_dir.mkdir(parents=True, exist_ok=True)  # candidates are written there, then stored
+        self._version_numbers: dict[str | None, int] = {None: 0}
         self.policy, self.version_name = self._resume(PPOConfig.from_dict(settings.ppo))
         self.reward_model_name: str | None = None
         self.reward_model = self._reward_model() if settings.reward_source == "reward_model" else None
         self.gates = Gates(self.policy.model, base.tokenizer, eos_token_ids=base.eos_token_ids, settings=settings,
                            scorer=self.reward_model.score if self.reward_model else None)
-        self._version_numbers: dict[str | None, int] = {None: 0}
         self._gate_pending()
+        self._follow_serving()  # a pending candidate approved just now is where training goes on
 
     # --- the loop --------------------------------------------------------------------------------------
 
@@ -93,29 +114,44 @@ class Trainer:
         return batches if trainable >= self.settings.train_batch_min else []
 
     def consume(self, batches: list[Batch]) -> Candidate | None:
-        """Train on the batches, write the candidate, commit the offsets, then gate the candidate."""
+        """Train on the batches (the candidate and the consumed offsets stored together), then gate it."""
         candidate = self.train(batches)
-        self.consumer.commit(*batches)
+        try:  # a courtesy to lag monitoring: the offsets that count are in the database already
+            self.consumer.commit(*batches)
+        except KafkaError as exc:
+            log.info("Kafka commit skipped (%s); the database has the offsets", exc)
         if candidate is not None:
             self._gate(candidate.name)
         return candidate
 
     def train(self, batches: list[Batch]) -> Candidate | None:
-        """One PPO update on the batches' trainable ratings; the candidate is registered, offsets not committed."""
-        events = self._trainable([event for batch in batches for event in batch.events])
+        """One PPO update on the batches' trainable latest ratings, from the version ``_start_point`` names; the
+        candidate is registered with the consumed offsets and ratings, or these are stored alone."""
+        offsets = self.consumer.offsets_of(*batches)
+        fresh, stale = self.ledger.settle([event for batch in batches for event in batch.events])
+        superseded = [event for batch in batches for event in batch.superseded] + stale
+        events = self._trainable(fresh)
+        trainable = {e.event_id for e in events}
+        consumed = [(e, Outcome.SUPERSEDED) for e in superseded] + [
+            (e, Outcome.HELDOUT) for e in fresh if e.event_id not in trainable]
         metrics.RATINGS.labels("trained").inc(len(events))
-        if not events:
+        update = self._update(events) if events else None
+        if update is None or not update["applied"]:
+            self.ledger.save(offsets=offsets, consumed=consumed + [(e, Outcome.DISCARDED) for e in events])
+            if events:
+                log.warning("no update (%s); its %d ratings are consumed without a candidate",
+                            "discarded" if update and update["discarded"] else "no samples", len(events))
             return None
+        return self._write_candidate(events, offsets, update, consumed)
+
+    def _update(self, events: list[FeedbackEvent]) -> dict | None:
+        self._follow_serving()
         samples = self._samples(events)
         if not samples:
             return None
         update = ppo_update(self.policy, samples)
         metrics.export_update(update)
-        if not update["applied"]:
-            log.warning("update not applied (%s); its %d ratings are consumed without a candidate",
-                        "discarded" if update["discarded"] else "no fresh samples", len(events))
-            return None
-        return self._write_candidate(events, batches, update)
+        return update
 
     # --- samples ---------------------------------------------------------------------------------------
 
@@ -133,24 +169,21 @@ class Trainer:
         accuracy = rm.heldout_balanced_accuracy
         metrics.REWARD_MODEL_BALANCED_ACCURACY.set(math.nan if accuracy is None else accuracy)
         self._save_reward_model()
+        if not rm.usable:  # a reward model at chance would teach the policy noise: its ratings only train it
+            log.info("reward model not usable yet (held-out balanced accuracy %s, lower bound %s): no policy update",
+                     accuracy, rm.heldout_balanced_accuracy_low)
+            metrics.RATINGS.labels("reward_model_only").inc(len(events))
+            return []
         prompts = {tuple(e.prompt_token_ids): SamplingParams.from_dict(e.sampling_params) for e in events}
         return fresh_samples(self.policy, self.reward_model, list(prompts), list(prompts.values()),
                              RolloutConfig(**self.settings.rollout), eos_token_ids=self.base.eos_token_ids)
 
     def _logged_samples(self, events: list[FeedbackEvent]) -> list[Sample]:
-        """Served samples as PPO samples; those of a version outside this trainer's lineage are dropped (their
-        staleness is unknown), the rest carry their version for the update's staleness bound."""
-        samples = []
-        for event in events:
-            version = self._version_number(event.adapter_version)
-            if version is None or version > self.policy.version:
-                metrics.RATINGS.labels("foreign_version").inc()
-                continue
-            samples.append(Sample(
-                prompt_ids=event.prompt_token_ids, response_ids=event.response_token_ids,
-                behaviour_logprobs=event.behaviour_logprobs, version=version, score=event.reward,
-                temperature=float(event.sampling_params.get("temperature", 1.0))))
-        return samples
+        """Served samples as PPO samples, whichever version served them: the importance weights correct for the
+        gap between that version and the policy (``trainer.ppo``), so none is dropped for its age."""
+        return [Sample(prompt_ids=event.prompt_token_ids, response_ids=event.response_token_ids,
+                       behaviour_logprobs=event.behaviour_logprobs, score=event.reward,
+                       temperature=float(event.sampling_params.get("temperature", 1.0))) for event in events]
 
     def _version_number(self, name: str | None) -> int | None:
         """The PPO version number of a served adapter version (the base model is 0); None when unknown."""
@@ -179,14 +212,19 @@ class Trainer:
 
     # --- versions --------------------------------------------------------------------------------------
 
-    def _write_candidate(self, events: list[FeedbackEvent], batches: list[Batch], update: dict) -> Candidate:
+    def _write_candidate(self, events: list[FeedbackEvent], offsets: dict[TopicPartition, int], update: dict,
+                         consumed: list[tuple[FeedbackEvent, Outcome]]) -> Candidate:
+        """Store the candidate and register it, with the consumed offsets and ratings in the same transaction."""
         name = f"policy-{self.policy.version:05d}-{secrets.token_hex(3)}"
         source = f"reward_model:{self.reward_model_name}" if self.reward_model else "direct"
         lineage = Lineage(parent=self.version_name, reward_source=source,
-                          event_ids=tuple(e.event_id for e in events), kafka_offsets=_offsets(batches))
+                          event_ids=tuple(e.event_id for e in events), kafka_offsets=_offsets(offsets))
+        consumed = consumed + [(event, Outcome.TRAINED) for event in events]
         with tempfile.TemporaryDirectory(dir=self.settings.data_dir) as tmp:
             self.policy.save(Path(tmp) / name, metadata={"lineage": asdict(lineage)})
-            self.registry.register(name, Path(tmp) / name, lineage=lineage, training_metrics=update)
+            self.registry.register(name, Path(tmp) / name, lineage=lineage, training_metrics=update,
+                                   also=lambda session: self.ledger.record(session, offsets=offsets,
+                                                                           consumed=consumed, version=name))
         metrics.CANDIDATES.inc()
         log.info("candidate %s from %d ratings: reward %.3f kl %.4f β %.3f", name, len(events),
                  update["reward_mean"], update["kl"], update["beta"])
@@ -194,24 +232,49 @@ class Trainer:
         self._version_numbers[name] = self.policy.version
         return Candidate(name, len(events), update)
 
-    def _resume(self, config: PPOConfig) -> tuple[PolicyValueModel, str | None]:
-        """The newest committed policy version (orphans rejected on the way), or a fresh adapter."""
-        for version in self.registry.versions(kind=Kind.POLICY):
-            if version.state == State.REJECTED and version.gate_report is None:
-                continue  # an orphan of an earlier start
-            if self._ahead_of_commits(version.kafka_offsets):
-                self.registry.reject(version.name, actor="trainer", reason="orphan: the trainer stopped before "
-                                     "committing its feedback offsets; the batch is trained again")
-                continue
-            path = self.registry.artifact(version.name, base_model_id=self.base.model_id)
-            log.info("resuming from %s", version.name)
-            return PolicyValueModel.load(self.base.model, path, config, base_model_id=self.base.model_id), version.name
-        return PolicyValueModel.create(self.base.model, config, base_model_id=self.base.model_id), None
+    def _resume(self, config: PPOConfig) -> tuple[Policy, str | None]:
+        """The policy at ``_start_point``: a stored version, or a fresh adapter (the base model)."""
+        name = self._start_point()
+        if name is None:
+            return Policy.create(self.base.model, config, base_model_id=self.base.model_id), None
+        path = self.registry.artifact(name, base_model_id=self.base.model_id)
+        log.info("resuming from %s", name)
+        return Policy.load(self.base.model, path, config, base_model_id=self.base.model_id), name
 
-    def _ahead_of_commits(self, offsets: dict[str, int]) -> bool:
-        partitions = {key: TopicPartition(*_split(key)) for key in offsets}
-        committed = self.consumer.committed(partitions.values())
-        return any(offset > committed[partitions[key]] for key, offset in offsets.items())
+    def _start_point(self) -> str | None:
+        """The version the next update starts from (module docstring, Lineage); None: the base model."""
+        newest = self.registry.versions(kind=Kind.POLICY, states=[State.PROMOTED, State.CANARY, State.APPROVED],
+                                        limit=1)
+        return newest[0].name if newest else None
+
+    def _follow_serving(self) -> None:
+        """Move the policy to ``_start_point`` when that is not where it is (a rejection, a rollback)."""
+        start = self._start_point()
+        if start != self.version_name:
+            log.info("training continues from %s instead of %s", start or "the base model",
+                     self.version_name or "the base model")
+            self._restore(start)
+            self.version_name = start
+
+    def _restore(self, name: str | None) -> None:
+        """Load version ``name``'s adapter weights, version and β into the policy in place (the gates and the
+        reward model share its peft model); None: a fresh adapter, the base model's function. Adam's moments
+        start afresh, as after a restart."""
+        policy = self.policy
+        if name is None:
+            for module in policy.model.modules():
+                if POLICY_ADAPTER in getattr(module, "lora_A", {}):
+                    module.reset_lora_parameters(POLICY_ADAPTER, True)
+            version, kl_coef = 0, None
+        else:
+            path = self.registry.artifact(name, base_model_id=self.base.model_id)
+            weights = read_adapter(path, base_model_id=self.base.model_id)
+            set_peft_model_state_dict(policy.model, weights.tensors, adapter_name=POLICY_ADAPTER)
+            ppo = weights.manifest["metadata"]["ppo"]
+            version, kl_coef = ppo["version"], ppo["kl_coef"]
+        policy.version = version
+        policy.kl_ctl = AdaptiveKLController.from_config(policy.config, kl_coef)
+        policy.optimizer.state.clear()
 
     def _reward_model(self) -> RewardModel:
         config = RewardModelConfig(**self.settings.reward_model)
@@ -245,22 +308,6 @@ class Trainer:
             self._gate(version.name)
 
 
-def recently_consumed_event_ids(registry: Registry, versions: int = 100) -> list[str]:
-    """Event ids the newest policy versions trained on: the relay delivers at least once, so a repeat of one can
-    arrive after the offsets that covered it were committed; seeding the consumer's dedup drops it."""
-    return [event_id for version in registry.versions(kind=Kind.POLICY)[:versions]
-            for event_id in version.consumed_event_ids]
-
-
-def _offsets(batches: list[Batch]) -> dict[str, int]:
-    offsets: dict[str, int] = {}
-    for batch in batches:
-        for tp, offset in batch.offsets.items():
-            key = f"{tp.topic}:{tp.partition}"
-            offsets[key] = max(offsets.get(key, 0), offset)
-    return offsets
-
-
-def _split(key: str) -> tuple[str, int]:
-    topic, _, partition = key.rpartition(":")
-    return topic, int(partition)
+def _offsets(offsets: dict[TopicPartition, int]) -> dict[str, int]:
+    """The lineage's form: '<topic>:<partition>' -> next offset."""
+    return {f"{tp.topic}:{tp.partition}": offset for tp, offset in offsets.items()}

@@ -19,13 +19,14 @@ def train() -> None:
 
     from feedback.consumer import FeedbackConsumer
     from feedback.kafka import ensure_topics
+    from feedback.ledger import Ledger
     from liveloop.artifacts import LocalArtifactStore
     from liveloop.cli import _settings
     from liveloop.db import make_sessionmaker, open_database
     from liveloop.model import load_base_model
     from liveloop.promotion import Promoter
     from liveloop.registry import Registry
-    from trainer.worker import Trainer, recently_consumed_event_ids
+    from trainer.worker import Trainer
 
     settings = _settings()
     if not settings.kafka_bootstrap:
@@ -46,7 +47,10 @@ def train() -> None:
         signal.signal(signum, lambda *_: stop.set())
     # canary decisions and rollback checks run beside training, in this process (one per policy)
     threading.Thread(target=Promoter(registry, settings).run, args=(stop,), name="promotion", daemon=True).start()
-    with FeedbackConsumer(settings, seen_event_ids=recently_consumed_event_ids(registry)) as consumer:
+    # the database holds the offsets and the consumed ratings: the consumer seeks there, and refills a broker that
+    # lost them; repeats of consumed ratings are dropped against the same records
+    ledger = Ledger(sessions, settings.feedback_consumer_group)
+    with FeedbackConsumer(settings, ledger=ledger) as consumer:
         trainer = Trainer(settings, base, registry=registry, sessions=sessions, consumer=consumer)
         log.info("training %s on %s ratings from %s", trainer.version_name or "a fresh adapter",
                  settings.reward_source, settings.feedback_topic)

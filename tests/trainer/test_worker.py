@@ -6,17 +6,21 @@ import uuid
 
 import pytest
 import torch
+from sqlalchemy import select
 
 from feedback.consumer import FeedbackConsumer
 from feedback.events import FeedbackEvent
 from feedback.kafka import Message, Publisher, ensure_topics
+from feedback.ledger import Ledger
+from feedback.relay import Relay
 from liveloop.artifacts import LocalArtifactStore
 from liveloop.db import make_engine, make_sessionmaker, migrate
 from liveloop.engine.offline import generate
 from liveloop.model import load_base_model
 from liveloop.registry import Kind, Registry, State
 from liveloop.sampling import SamplingParams
-from liveloop.tables import utcnow
+from liveloop.tables import Completion, ConsumedFeedback, OutboxMessage, utcnow
+from tests.feedback.helpers import rate_each
 from trainer.heldout import GATES_SPLIT, is_heldout
 from trainer.worker import Trainer
 
@@ -27,11 +31,11 @@ PROMPTS = ["Name a colour.", "Say hello.", "Count to three.", "Name an animal.",
 @pytest.fixture
 def trainer_settings(kafka_settings, tiny_model_dir, tmp_path):
     def make(**overrides):
-        settings = kafka_settings(
-            base_model=tiny_model_dir, database_url=f"sqlite:///{tmp_path / 'liveloop.db'}", train_batch_min=6,
-            train_batch_max=64, train_poll_s=1.0, trainer_metrics_port=0, promotion_policy="manual",
-            gate_holdout_fraction=0.001, gate_prompts=2, gate_max_new_tokens=4,
-            ppo={"ppo_epochs": 1, "num_minibatches": 1}, **overrides)
+        settings = kafka_settings(**{
+            "base_model": tiny_model_dir, "database_url": f"sqlite:///{tmp_path / 'liveloop.db'}",
+            "train_batch_min": 6, "train_batch_max": 64, "train_poll_s": 1.0, "trainer_metrics_port": 0,
+            "promotion_policy": "manual", "gate_holdout_fraction": 0.001, "gate_prompts": 2,
+            "gate_max_new_tokens": 4, "ppo": {"ppo_epochs": 1, "num_minibatches": 1}} | overrides)
         migrate(settings.resolved_database_url)
         ensure_topics(settings)
         return settings
@@ -39,16 +43,20 @@ def trainer_settings(kafka_settings, tiny_model_dir, tmp_path):
     return make
 
 
+def _generations(settings, count: int, seed: int = 0):
+    base = load_base_model(settings)
+    prompts = [base.tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                                                  add_generation_prompt=True, return_dict=True)["input_ids"]
+               for i in range(count)]
+    params = [SamplingParams(temperature=1.0, max_tokens=6)] * count
+    return generate(base.model, prompts, params,
+                    eos_token_ids=base.eos_token_ids, generator=torch.Generator().manual_seed(seed))
+
+
 def _served_ratings(settings, count: int) -> list[FeedbackEvent]:
     """Completions sampled from the base model as serving would, rated up when the response is short."""
-    base = load_base_model(settings)
-    prompts = [base.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                  return_dict=True)["input_ids"] for p in PROMPTS[:count]]
-    params = [SamplingParams(temperature=1.0, max_tokens=6)] * count
-    generations = generate(base.model, prompts, params, eos_token_ids=base.eos_token_ids,
-                           generator=torch.Generator().manual_seed(0))
     events = []
-    for g in generations:
+    for g in _generations(settings, count):
         up = len(g.response_ids) < 6
         events.append(FeedbackEvent(
             event_id=uuid.uuid4().hex, feedback_id=uuid.uuid4().hex, completion_id=f"chatcmpl-{uuid.uuid4().hex}",
@@ -64,41 +72,164 @@ def _served_ratings(settings, count: int) -> list[FeedbackEvent]:
     return events
 
 
+def _served_completions(settings, sessions, count: int, seed: int = 0) -> list[str]:
+    """Completions of the base model stored as serving stores them, none in the gates' held-out split; their ids."""
+    ids = []
+    with sessions.begin() as session:
+        for g in _generations(settings, count, seed):
+            ids.append(f"chatcmpl-{uuid.uuid4().hex}")
+            while is_heldout(ids[-1], settings.gate_holdout_fraction, split=GATES_SPLIT):
+                ids[-1] = f"chatcmpl-{uuid.uuid4().hex}"
+            session.add(Completion(
+                id=ids[-1], created_at=utcnow(), finished_at=utcnow(), user_id=None, end_user=None,
+                requested_model="liveloop", adapter_version=None, messages=[],
+                prompt_token_ids=list(g.prompt_ids), response_token_ids=list(g.response_ids), response_text="",
+                behaviour_logprobs=list(g.behaviour_logprobs),
+                sampling_params=g.sampling_params.to_dict(), dtype="float32", finish_reason="stop",
+                prompt_tokens=len(g.prompt_ids), completion_tokens=len(g.response_ids), latency_ms=1.0))
+    return ids
+
+
+def _rate(settings, sessions, completion_ids: list[str], rating: str = "up", relay: bool = True) -> list[str]:
+    """Rate through the feedback service (feedback and outbox rows) and relay to the broker; the event ids."""
+    recorded = rate_each(sessions, settings, completion_ids, rating=rating)
+    if relay:
+        _relay(settings, sessions)
+    with sessions() as session:
+        return list(session.scalars(select(OutboxMessage.event_id).where(
+            OutboxMessage.payload["feedback_id"].as_string().in_([r.id for r in recorded]))))
+
+
+def _relay(settings, sessions) -> None:
+    relay = Relay(sessions, settings)
+    while relay.relay_once()[0]:
+        pass
+    assert relay.depth() == 0
+    relay.stop()
+
+
+def _outcomes(sessions) -> dict[str, tuple[str, str | None]]:
+    with sessions() as session:
+        return {row.event_id: (row.outcome, row.version) for row in session.scalars(select(ConsumedFeedback))}
+
+
 def _trainer(settings) -> tuple[Trainer, Registry]:
     sessions = make_sessionmaker(make_engine(settings.resolved_database_url))
     registry = Registry(sessions, LocalArtifactStore(settings.resolved_artifact_dir))
-    trainer = Trainer(settings, load_base_model(settings), registry=registry, sessions=sessions,
-                      consumer=FeedbackConsumer(settings))
+    consumer = FeedbackConsumer(settings, ledger=Ledger(sessions, settings.feedback_consumer_group))
+    trainer = Trainer(settings, load_base_model(settings), registry=registry, sessions=sessions, consumer=consumer)
     return trainer, registry
 
 
-def test_trainer_stopped_between_saving_and_committing_trains_the_batch_again_once(trainer_settings):
+def test_a_trainer_stopped_after_registering_never_trains_its_batch_again(trainer_settings):
+    """The candidate and the consumed offsets are one transaction: whether Kafka's commit followed or not, a
+    restarted trainer keeps the candidate (no orphan) and seeks past its batch."""
     settings = trainer_settings()
     events = _served_ratings(settings, 8)
     fraction = settings.gate_holdout_fraction
     trainable = {e.event_id for e in events if not is_heldout(e.completion_id, fraction, split=GATES_SPLIT)}
 
     first, registry = _trainer(settings)
-    orphan = first.train(first.gather())  # written and registered ... and then the process dies: no commit
+    written = first.train(first.gather())  # written and registered ... and then the process dies: no Kafka commit
     first.consumer.close()
-    assert orphan is not None and set(registry.get(orphan.name).consumed_event_ids) == trainable
+    assert written is not None and set(registry.get(written.name).consumed_event_ids) == trainable
 
-    second, registry = _trainer(settings)  # a restarted process: same consumer group
-    assert registry.get(orphan.name).state == State.REJECTED
-    assert "orphan" in registry.audit(orphan.name)[0].reason
-    assert second.version_name is None  # resumed from the base, not from the orphan
-    retrained = second.consume(second.gather())
-    version = registry.get(retrained.name)
-    assert sorted(version.consumed_event_ids) == sorted(trainable)  # every rating, each once
-    assert version.parent is None and version.reward_source == "direct"
-    assert version.gate_report is not None and version.state in (State.APPROVED, State.REJECTED)
+    second, registry = _trainer(settings)  # a restarted process: same consumer group, nothing committed in Kafka
+    assert registry.get(written.name).state in (State.APPROVED, State.REJECTED)  # gated at start, not an orphan
+    assert all("orphan" not in t.reason for t in registry.audit(written.name))
+    assert second.consumer.next_batch(max_wait_s=3.0).events == []  # sought past the batch
+    again = _served_ratings(settings, 8)
+    following = second.consume(second.gather())
     second.consumer.close()
+    assert set(registry.get(following.name).consumed_event_ids) == {
+        e.event_id for e in again if not is_heldout(e.completion_id, fraction, split=GATES_SPLIT)}
 
-    third, registry = _trainer(settings)  # offsets were committed: nothing is trained twice
-    assert third.version_name == retrained.name
-    assert third.consumer.next_batch(max_wait_s=2.0).events == []
-    third.consumer.close()
-    assert [v.name for v in registry.versions(kind=Kind.POLICY)] == [retrained.name, orphan.name]
+
+def test_ratings_the_broker_lost_are_republished_and_trained_once(trainer_settings, broker):
+    """The broker restarts empty (the embedded one keeps nothing): ratings no version consumed come back from
+    the database; those already trained on do not."""
+    settings = trainer_settings(train_batch_max=6)
+    trainer, registry = _trainer(settings)
+    sessions = trainer.sessions
+    completions = _served_completions(settings, sessions, 12)
+    first_ids = _rate(settings, sessions, completions[:6])
+    first = trainer.consume(trainer.gather())
+    trainer.consumer.close()
+    later_ids = _rate(settings, sessions, completions[6:])  # on the broker, not consumed yet ...
+    broker.stop()  # ... and lost with it
+    broker.start()
+    ensure_topics(settings)
+
+    restarted, registry = _trainer(settings)
+    second = restarted.consume(restarted.gather())
+    assert restarted.consumer.next_batch(max_wait_s=2.0).events == []
+    restarted.consumer.close()
+    trained = [registry.get(c.name).consumed_event_ids for c in (first, second)]
+    assert sorted(trained[0]) == sorted(first_ids) and sorted(trained[1]) == sorted(later_ids)
+    assert all("orphan" not in t.reason for t in registry.audit(first.name))  # never taken for an orphan
+    approved = registry.get(first.name).state == State.APPROVED
+    assert registry.get(second.name).parent == (first.name if approved else None)
+
+
+def test_only_the_latest_rating_of_a_completion_is_trained_across_batches(trainer_settings):
+    """A rating superseded before training is never trained; a change of mind after training is trained with its
+    new sign in a later update."""
+    settings = trainer_settings()
+    trainer, registry = _trainer(settings)
+    sessions = trainer.sessions
+    completions = _served_completions(settings, sessions, 13)
+    changed, late = completions[0], completions[12]
+    first_ids = _rate(settings, sessions, completions[:6])
+    [stale] = _rate(settings, sessions, [late])  # relayed ...
+    [late_down] = _rate(settings, sessions, [late], rating="down", relay=False)  # ... and replaced before training
+    first = trainer.consume(trainer.gather())
+    assert sorted(registry.get(first.name).consumed_event_ids) == sorted(first_ids)
+    assert _outcomes(sessions)[stale] == ("superseded", None)
+
+    [change_of_mind] = _rate(settings, sessions, [changed], rating="down")  # after training on its "up"
+    later_ids = _rate(settings, sessions, completions[6:12])
+    second = trainer.consume(trainer.gather())
+    trainer.consumer.close()
+    assert sorted(registry.get(second.name).consumed_event_ids) == sorted([change_of_mind, late_down, *later_ids])
+    outcomes = _outcomes(sessions)
+    assert outcomes[change_of_mind] == ("trained", second.name) and outcomes[first_ids[0]] == ("trained", first.name)
+
+
+def test_after_a_rejection_or_a_rollback_training_continues_from_what_serves(trainer_settings):
+    settings = trainer_settings()
+    trainer, registry = _trainer(settings)
+    _served_ratings(settings, 8)
+    live = trainer.train(trainer.gather())
+    registry.judge(live.name, report={}, failed=[])
+    registry.promote(live.name, actor="test", reason="test")
+    _served_ratings(settings, 8)
+    rejected = trainer.train(trainer.gather())
+    assert registry.get(rejected.name).parent == live.name
+    registry.judge(rejected.name, report={}, failed=["kl"])
+
+    _served_ratings(settings, 8)
+    after_rejection = trainer.train(trainer.gather())
+    assert registry.get(after_rejection.name).parent == live.name  # not the rejected one
+    assert trainer.policy.version == 2  # live's version + 1
+    registry.judge(after_rejection.name, report={}, failed=[])  # approved: the newest that may serve next
+
+    _served_ratings(settings, 8)
+    on_approved = trainer.train(trainer.gather())
+    assert registry.get(on_approved.name).parent == after_rejection.name
+    registry.judge(on_approved.name, report={}, failed=["kl"])
+    registry.reject(after_rejection.name, actor="test", reason="test")
+    registry.rollback(actor="test", reason="test")  # the base model serves again
+
+    _served_ratings(settings, 8)
+    after_rollback = trainer.train(trainer.gather())
+    trainer.consumer.close()
+    assert registry.get(after_rollback.name).parent is None
+    assert trainer.policy.version == 1
+
+    restarted, _ = _trainer(settings)  # a restart gates the pending candidate, then picks the same rule's start
+    restarted.consumer.close()
+    approved = registry.get(after_rollback.name).state == State.APPROVED
+    assert restarted.version_name == (after_rollback.name if approved else None)
 
 
 def test_reward_model_mode_trains_the_reward_model_and_updates_on_fresh_rollouts(trainer_settings):
