@@ -78,7 +78,7 @@ def simulate(
             return await simulation.run()
 
     record = asyncio.run(main())
-    for entry in record["evals"][-3:]:
+    for entry in (e for e in record["evals"] if e["final"]):
         typer.echo(f"{entry['role']:>9} {entry['model']}: liked {entry['liked_share']:.3f} ± {entry['stderr']:.3f}")
     typer.echo(f"{len(record['ratings'])} ratings; {out} and {out.with_suffix('.png')}")
 

@@ -9,11 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+from matplotlib.figure import Figure  # not pyplot: no global state, no display, safe off the main thread
 
 
 def windows(ratings: list[dict], size: int) -> tuple[list[float], list[float], list[float]]:
@@ -29,7 +25,8 @@ def windows(ratings: list[dict], size: int) -> tuple[list[float], list[float], l
 
 def plot_run(record: dict, path: Path) -> None:
     ratings, window = record["ratings"], record["config"]["window"]
-    fig, (ax, served) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True, gridspec_kw={"height_ratios": [4, 1]})
+    fig = Figure(figsize=(11, 6.5))
+    ax, served = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [4, 1]})
     size = max(1, min(window, len(ratings)))
     middles, shares, expected = windows(ratings, size)
     ax.plot(middles, shares, "o-", color="tab:blue", label=f"users' thumbs-up share per {size} ratings")
@@ -49,7 +46,6 @@ def plot_run(record: dict, path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _plot_promotions(ax, served, record: dict) -> None:

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
+
 from liveloop.simulate.client import ALIAS, ApiError, LiveloopClient, Routing, SamplingParams
 from liveloop.simulate.evaluate import Evaluation, evaluate
 from liveloop.simulate.preferences import Preference
@@ -68,7 +70,6 @@ class Simulation:
         self.eval_prompts = eval_prompts[: config.eval_prompts] if config.eval_prompts else eval_prompts
         self.json_path, self.png_path = json_path, png_path
         self.run_id = uuid.uuid4().hex[:8]
-        self.rng = random.Random(config.seed)
         self.ratings: list[Rating] = []
         self.evals: list[dict] = []
         self.events: list[dict] = []  # promotions and canary changes, as /readyz showed them
@@ -79,16 +80,18 @@ class Simulation:
         self.claimed = 0
         self.evaluation: asyncio.Task | None = None  # the periodic evaluation in flight
         self.versions: list[dict] | None = None  # GET /admin/adapters at the end, with an admin token
-        self.started = time.monotonic()
+        self.started = self.users_started = time.monotonic()
         self.started_at = datetime.now(UTC).isoformat()
 
     async def run(self) -> dict:
+        self.started, self.started_at = time.monotonic(), datetime.now(UTC).isoformat()
         self.routing = await self.client.routing()
         self.base_model = await base_model_id(self.client)
         log.info("simulating %d ratings by %d users who like %s answers; base %s, live %s, canary %s",
                  self.config.ratings, self.config.users, self.preference.name, self.base_model,
                  self.routing.live, self.routing.canary)
         await self._evaluate_live(at_rating=0)
+        self.users_started = time.monotonic()
         users = [asyncio.create_task(self._user(i)) for i in range(self.config.users)]
         monitor = asyncio.create_task(self._monitor())
         try:
@@ -154,7 +157,7 @@ class Simulation:
     async def _poll_routing(self) -> None:
         try:
             routing = await self.client.routing()
-        except (ApiError, OSError) as exc:
+        except (ApiError, httpx.HTTPError) as exc:
             log.warning("/readyz: %s", exc)
             return
         previous = self.routing
@@ -170,7 +173,7 @@ class Simulation:
             log.info("canary at rating %d: %s", len(self.ratings), routing.canary)
 
     def _log_progress(self) -> None:
-        done, elapsed = len(self.ratings), time.monotonic() - self.started
+        done, elapsed = len(self.ratings), time.monotonic() - self.users_started
         recent = self.ratings[-self.config.window:]
         liked = sum(r.rating == "up" for r in recent) / len(recent) if recent else float("nan")
         live = self.routing.live if self.routing else None
@@ -180,39 +183,39 @@ class Simulation:
 
     # --- pinned evaluations -----------------------------------------------------------------------
 
-    async def _evaluate(self, model: str, role: str, at_rating: int) -> dict | None:
+    async def _evaluate(self, model: str, role: str, at_rating: int, *, final: bool = False) -> None:
         """Evaluate ``model`` pinned (once per run: answers are seeded) and record it as ``role`` at a rating."""
         if model not in self.by_model:
+            log.info("evaluating %s pinned on %d unseen prompts", model, len(self.eval_prompts))
             try:
                 self.by_model[model] = await evaluate(self.client, model, self.eval_prompts, self.preference,
                                                       params=self.config.params, concurrency=self.config.users)
             except ApiError as exc:
                 log.warning("could not evaluate %s: %s", model, exc)
-                return None
+                return
         result = self.by_model[model]
-        entry = {"role": role, "at_rating": at_rating, "t": round(time.monotonic() - self.started, 3),
-                 **result.summary()}
+        entry = {"role": role, "at_rating": at_rating, "final": final,
+                 "t": round(time.monotonic() - self.started, 3), **result.summary()}
         self.evals.append(entry)
         log.info("eval at rating %d: %s %s liked %.3f ± %.3f (n %d)", at_rating, role, model, result.liked_share,
                  result.stderr, result.n)
-        return entry
 
     async def _evaluate_live(self, at_rating: int) -> None:
         if at_rating == 0:
             await self._evaluate(self.base_model, "base", at_rating)
         live = self.routing.live if self.routing else None
         await self._evaluate(live or self.base_model, "live", at_rating)
-        self.save(self.record())
+        await asyncio.to_thread(self.save, self.record())  # drawing would stall the users for a second
 
     async def _final_evaluations(self) -> None:
         self.routing = await self.client.routing()
         at = len(self.ratings)
-        await self._evaluate(self.base_model, "base", at)
-        await self._evaluate(self.routing.live or self.base_model, "live", at)
+        await self._evaluate(self.base_model, "base", at, final=True)
+        await self._evaluate(self.routing.live or self.base_model, "live", at, final=True)
         if self.routing.canary:
-            await self._evaluate(self.routing.canary, "canary", at)
+            await self._evaluate(self.routing.canary, "canary", at, final=True)
         for name in self.config.candidates:
-            await self._evaluate(name, "candidate", at)
+            await self._evaluate(name, "candidate", at, final=True)
         try:
             self.versions = await self.client.adapters()
         except ApiError as exc:

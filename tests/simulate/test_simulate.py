@@ -5,12 +5,15 @@ import json
 
 import pytest
 import sqlalchemy as sa
+from typer.testing import CliRunner
 
 from liveloop.artifacts import open_artifact_store
+from liveloop.cli import app
 from liveloop.db import make_engine, make_sessionmaker
 from liveloop.registry import Registry
 from liveloop.simulate.client import LiveloopClient, SamplingParams
 from liveloop.simulate.evaluate import evaluate, mean_and_stderr
+from liveloop.simulate.plot import windows
 from liveloop.simulate.preferences import P_MET, P_MISS, PREFERENCES
 from liveloop.simulate.prompts import eval_prompts, train_prompts
 from liveloop.simulate.run import Simulation, SimulationConfig
@@ -119,6 +122,7 @@ def test_a_short_run_stores_every_rating_with_its_version_and_writes_json_and_pn
 
     roles = [(e["role"], e["at_rating"]) for e in record["evals"]]
     assert roles[:2] == [("base", 0), ("live", 0)] and roles[-2:] == [("base", 24), ("live", 24)]
+    assert [e["final"] for e in record["evals"]][-2:] == [True, True] and not record["evals"][0]["final"]
     assert any(role == "live" and 0 < at < 24 for role, at in roles)
     base = record["evals"][0]
     assert base["model"] == base["served"] == record["base_model"] and base["n"] == 6
@@ -171,3 +175,17 @@ def test_evaluation_pins_the_model_it_names(server):
     assert [a.prompt_index for a in result.answers] == [0, 1, 2, 3] * 2
     assert result.liked_share == pytest.approx(sum(a.p_up for a in result.answers) / 8)
 
+
+
+def test_curve_windows_share_and_expected_p_up():
+    ratings = [{"rating": r, "p_up": p} for r, p in [("up", 0.9), ("down", 0.1), ("up", 0.9), ("up", 0.5),
+                                                     ("down", 0.1)]]
+    assert windows(ratings, 2) == ([1.0, 3.0], [0.5, 1.0], [pytest.approx(0.5), pytest.approx(0.7)])
+
+
+def test_cli_lists_the_preferences_and_refuses_an_unknown_one():
+    runner = CliRunner()
+    shown = runner.invoke(app, ["simulate", "--help"], terminal_width=200)
+    assert shown.exit_code == 0 and all(name in shown.output for name in PREFERENCES)
+    refused = runner.invoke(app, ["simulate", "--preference", "sarcasm", "--url", "http://127.0.0.1:9"])
+    assert refused.exit_code == 2 and "unknown preference" in refused.output
