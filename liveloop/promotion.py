@@ -100,15 +100,18 @@ class CanaryRule:
         return math.log(self.beta / (1 - self.alpha)), math.log((1 - self.beta) / self.alpha)
 
 
-def canary_outcome(new_up, new_n, live_up, live_n, rule: CanaryRule) -> np.ndarray:
-    """The decision at one look, elementwise: an array of ``Outcome`` values."""
+def canary_outcome(new_up, new_n, live_up, live_n, rule: CanaryRule, collected=None) -> np.ndarray:
+    """The decision at one look, elementwise: an array of ``Outcome`` values. ``collected``: the ratings the two
+    sides have gathered before the per-user cap (default ``new_n + live_n``); ``max_ratings`` applies to it, so a
+    canary whose few users have all reached their cap still ends."""
     new_up, new_n, live_up, live_n = np.broadcast_arrays(*map(np.asarray, (new_up, new_n, live_up, live_n)))
+    collected = new_n + live_n if collected is None else np.asarray(collected)
     ready = (new_n >= rule.min_ratings) & (live_n >= rule.min_ratings)
     with np.errstate(divide="ignore", invalid="ignore"):
         log_lr = difference_log_lr(new_up, new_n, live_up, live_n, rule.effect)
     reject_below, promote_above = rule.bounds
     return np.select(
-        [ready & (log_lr >= promote_above), ready & (log_lr <= reject_below), new_n + live_n >= rule.max_ratings],
+        [ready & (log_lr >= promote_above), ready & (log_lr <= reject_below), collected >= rule.max_ratings],
         [Outcome.PROMOTE, Outcome.REJECT, Outcome.CAP], Outcome.CONTINUE,
     )
 
@@ -182,13 +185,16 @@ class Promoter:
         if routing.canary is None:
             return
         canary = self.registry.get(routing.canary)
-        counts = self._deciding_thumbs([canary.name, routing.live], since=canary.state_changed_at, until=now)
+        sides, since = [canary.name, routing.live], canary.state_changed_at
+        counts = self._deciding_thumbs(sides, since=since, until=now)
         new, live = counts.get(canary.name, Thumbs()), counts.get(routing.live, Thumbs())
+        collected = sum(t.n for t in self.registry.thumbs(sides, since=since, until=now,
+                                                          requested_model=self.settings.model_alias).values())
         rule = CanaryRule.from_settings(self.settings)
-        outcome = Outcome(canary_outcome(new.up, new.n, live.up, live.n, rule).item())
+        outcome = Outcome(canary_outcome(new.up, new.n, live.up, live.n, rule, collected).item())
         if outcome is Outcome.CONTINUE:
             return
-        details = {**_counts(new, live), "live": routing.live, "outcome": outcome.value,
+        details = {**_counts(new, live), "collected": collected, "live": routing.live, "outcome": outcome.value,
                    "log_lr": _log_lr(new, live, rule.effect), "bounds": list(rule.bounds), "alpha": rule.alpha,
                    "beta": rule.beta, "effect": rule.effect, "max_ratings": rule.max_ratings,
                    "max_ratings_per_user": self.settings.max_ratings_per_user}

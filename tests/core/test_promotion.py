@@ -168,6 +168,20 @@ def test_a_canary_without_evidence_at_the_cap_is_rejected_and_says_so(registry, 
     assert "no evidence either way within 40 ratings" in decision.reason
 
 
+def test_a_canary_of_few_capped_users_still_ends_at_the_cap(registry, make_adapter_dir, promoter, rate):
+    approve(registry, make_adapter_dir, "cand")
+    promoter().after_gates("cand")
+    rate("cand", up=30, down=30, user="alice")  # 10 of them count: too few to look
+    rate(None, up=20, down=19, user="bob")
+    promoter(max_ratings_per_user=10, canary_max_ratings=100).tick()
+    assert registry.get("cand").state == "canary"
+    rate(None, down=1, user="bob")
+    promoter(max_ratings_per_user=10, canary_max_ratings=100).tick()
+    decision = registry.audit("cand")[0]
+    assert (decision.to_state, decision.details["outcome"], decision.details["collected"]) == ("rejected", "cap", 100)
+    assert (decision.details["new_n"], decision.details["reference_n"]) == (10, 10)
+
+
 def test_pinned_anonymous_and_excess_ratings_do_not_decide_a_canary(registry, make_adapter_dir, promoter, rate):
     approve(registry, make_adapter_dir, "cand")
     promoter().after_gates("cand")
