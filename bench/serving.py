@@ -41,11 +41,11 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
 from feedback.broker import free_port
-from liveloop.adapters import default_lora_config, save_adapter
+from liveloop.adapter_artifacts import default_lora_config, save_adapter
 from liveloop.artifacts import LocalArtifactStore
 from liveloop.db import make_engine, make_sessionmaker, migrate
 from liveloop.engine.batch import DecodeBatch
-from liveloop.model import BaseModel, load_base_model
+from liveloop.model import LoadedModel, load_base_model
 from liveloop.registry import Registry
 from liveloop.sampling import SamplingParams
 from liveloop.settings import Settings
@@ -218,7 +218,7 @@ def decode_step_seconds(model: torch.nn.Module, prompts: list[list[int]], steps:
     return statistics.median(times)
 
 
-def random_adapter(base: BaseModel, dest: Path) -> Path:
+def random_adapter(base: LoadedModel, dest: Path) -> Path:
     """An r16 LoRA on all seven projections with small random B: the cost of a real policy adapter."""
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base.path, dtype=base.dtype), default_lora_config(),
@@ -294,7 +294,7 @@ def main() -> None:
     report(runs, baseline, bounds)
 
 
-def http_runs(args: argparse.Namespace, base: BaseModel, prompts: list[list[int]], params: SamplingParams) -> list[Run]:
+def http_runs(args: argparse.Namespace, base: LoadedModel, prompts: list[list[int]], params: SamplingParams) -> list[Run]:
     messages = {id(p): [{"role": "user", "content": q}] for p, q in zip(prompts, QUESTIONS, strict=True)}
     with tempfile.TemporaryDirectory() as tmp:
         adapter_dir = random_adapter(base, Path(tmp) / "bench-live") if args.adapter else None

@@ -60,7 +60,7 @@ from transformers import AutoModelForCausalLM
 
 from feedback.broker import EmbeddedBroker, free_port
 from feedback.kafka import ensure_topics
-from liveloop.adapters import default_lora_config, save_adapter, verify_adapter
+from liveloop.adapter_artifacts import default_lora_config, save_adapter, verify_adapter
 from liveloop.db import make_engine, make_sessionmaker, migrate
 from liveloop.model import prepare_base_model
 from liveloop.registry import Registry, open_registry

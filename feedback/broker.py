@@ -72,8 +72,10 @@ class EmbeddedBroker:
         command = [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
                    "--storage-engine", "memory://tansu/"]
         with self.log_path.open("ab") as output:
+            # a session of its own: Ctrl-C in a terminal signals the whole foreground group, and the broker must
+            # outlive the processes that use it; its owner stops it (``stop``)
             self._process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL)
+                                             stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             self._wait_until_ready()
         except BaseException:

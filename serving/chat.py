@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from liveloop.sampling import SamplingParams
 from liveloop.settings import Settings
-from serving.adapters import AdapterSet
+from serving.routing import AdapterSet
 from serving.engine import Engine, EngineFull, GenerationRequest, GenerationResult, RequestStream
 from serving.errors import APIError, BadRequest, Overloaded
 from serving.protocol import (
@@ -46,7 +46,7 @@ def new_completion_id() -> str:
 
 
 @dataclass
-class Generation:
+class PendingCompletion:
     """A request accepted by the engine: what the response and the stored record are built from."""
 
     id: str
@@ -66,7 +66,7 @@ class ChatService:
         self.engine, self.tokenizer, self.context_length = engine, tokenizer, context_length
         self.adapters, self.store, self.settings = adapters, store, settings
 
-    def start(self, request: ChatCompletionRequest, *, user_id: str | None) -> Generation:
+    def start(self, request: ChatCompletionRequest, *, user_id: str | None) -> PendingCompletion:
         """Validate, tokenize, pin the adapter version and submit; every refusal happens here, before streaming."""
         # the API key's identity, so that a client cannot pick its canary slice through `user`; that field only
         # identifies users of an open API (no keys configured), as liveloop.registry.user_identity counts them
@@ -78,7 +78,7 @@ class ChatService:
                                                           adapter=resolved.adapter))
         except EngineFull as exc:
             raise Overloaded("The server is at capacity; retry shortly.", headers={"Retry-After": "1"}) from exc
-        return Generation(new_completion_id(), request, resolved.served_name, prompt_ids, params, stream, user_id,
+        return PendingCompletion(new_completion_id(), request, resolved.served_name, prompt_ids, params, stream, user_id,
                           time.perf_counter(), int(time.time()))
 
     def _prompt_ids(self, request: ChatCompletionRequest) -> list[int]:
@@ -106,7 +106,7 @@ class ChatService:
                              f"exceed the context length {self.context_length}", param="max_tokens")
         return asked
 
-    async def complete(self, gen: Generation, is_disconnected: Callable[[], Awaitable[bool]]) -> ChatCompletion:
+    async def complete(self, gen: PendingCompletion, is_disconnected: Callable[[], Awaitable[bool]]) -> ChatCompletion:
         result = await _result_unless_disconnected(gen.stream, is_disconnected)
         await self._record(gen, result)
         logprobs = self._logprobs(result.token_ids, result.logprobs) if gen.request.logprobs else None
@@ -115,7 +115,7 @@ class ChatService:
         return ChatCompletion(id=gen.id, created=gen.created, model=gen.served_name, choices=[choice],
                               usage=_usage(result))
 
-    async def sse(self, gen: Generation) -> AsyncIterator[str]:
+    async def sse(self, gen: PendingCompletion) -> AsyncIterator[str]:
         """Server-sent events in OpenAI's chunk format; an error mid-stream becomes an error event."""
         try:
             yield self._chunk(gen, Delta(role="assistant", content=""))
@@ -140,7 +140,7 @@ class ChatService:
         finally:
             gen.stream.cancel()  # no-op once finished; frees the slot when the client went away
 
-    def _chunk(self, gen: Generation, delta: Delta, *, logprobs: ChoiceLogprobs | None = None,
+    def _chunk(self, gen: PendingCompletion, delta: Delta, *, logprobs: ChoiceLogprobs | None = None,
                finish_reason: str | None = None) -> str:
         choice = ChunkChoice(delta=delta, logprobs=logprobs, finish_reason=finish_reason)
         chunk = ChatCompletionChunk(id=gen.id, created=gen.created, model=gen.served_name, choices=[choice])
@@ -151,7 +151,7 @@ class ChatService:
         return ChoiceLogprobs(content=[TokenLogprob(token=t, logprob=lp, bytes=list(t.encode()))
                                        for t, lp in zip(tokens, logprobs, strict=True)])
 
-    async def _record(self, gen: Generation, result: GenerationResult) -> None:
+    async def _record(self, gen: PendingCompletion, result: GenerationResult) -> None:
         """Store the completion before the client sees its end, so feedback can follow at once."""
         finished = datetime.now(UTC)
         record = CompletionRecord(

@@ -28,10 +28,10 @@ from kafka.errors import KafkaError
 from prometheus_client import Counter, Gauge
 
 from feedback.kafka import make_consumer
-from liveloop.adapters import AdapterArtifactError
+from liveloop.adapter_artifacts import AdapterArtifactError
 from liveloop.registry import Kind, Registry, RegistryError
 from liveloop.settings import Settings
-from serving.adapters import AdapterSet
+from serving.routing import AdapterSet
 from serving.engine import Engine
 
 log = logging.getLogger(__name__)

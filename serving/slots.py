@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from peft import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftConfig, PeftModel
 
-from liveloop.adapters import AdapterArtifactError
+from liveloop.adapter_artifacts import AdapterArtifactError
 
 
 @dataclass(eq=False)

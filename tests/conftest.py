@@ -101,7 +101,7 @@ def make_adapter_dir(tiny_model_dir: Path, tmp_path: Path):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from liveloop.adapters import default_lora_config, save_adapter
+    from liveloop.adapter_artifacts import default_lora_config, save_adapter
 
     def make(name: str, scale: float = 0.0, seed: int = 0) -> Path:
         torch.manual_seed(seed)

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields
 
 from peft import LoraConfig
 
-from liveloop.adapters import default_lora_config
+from liveloop.adapter_artifacts import default_lora_config
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ from sqlalchemy import and_, select
 from sqlalchemy.orm import Session, sessionmaker
 from transformers import PreTrainedTokenizerBase
 
-from liveloop.adapters import AdapterArtifactError
+from liveloop.adapter_artifacts import AdapterArtifactError
 from liveloop.engine.offline import Generation, generate
 from liveloop.registry import Registry, current_rating
 from liveloop.sampling import SamplingParams, sampling_logprobs, sequence_logprobs, token_logprobs

@@ -13,7 +13,7 @@ Sequences are right-padded (prompt, response, padding) with positions 0..L-1: pa
 token, so the plain causal mask is the whole mask (sdpa's ``is_causal`` path). Only the hidden states that
 predict a response token reach the heads, and their log-probs come from ``trainer.lm_head`` in chunks.
 
-Checkpoints: the adapter through ``liveloop.adapters.save_adapter``; the PPOConfig, version, β and the running
+Checkpoints: the adapter through ``liveloop.adapter_artifacts.save_adapter``; the PPOConfig, version, β and the running
 moments of the scores in its metadata under ``"ppo"``. ``load`` checks them against this process.
 """
 
@@ -31,7 +31,7 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedModel
 from transformers.masking_utils import create_causal_mask
 
-from liveloop.adapters import save_adapter, verify_adapter
+from liveloop.adapter_artifacts import save_adapter, verify_adapter
 from trainer.config import PPOConfig
 from trainer.lm_head import chosen_logprobs
 from trainer.ppo import AdaptiveKLController, RunningMoments

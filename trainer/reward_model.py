@@ -44,7 +44,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from torch import nn
 
-from liveloop.adapters import EXTRA_TENSORS, default_lora_config, save_adapter, verify_adapter
+from liveloop.adapter_artifacts import EXTRA_TENSORS, default_lora_config, save_adapter, verify_adapter
 from trainer.heldout import REWARD_MODEL_SPLIT, is_heldout
 from trainer.tokens import left_pad, position_ids
 

@@ -47,8 +47,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from feedback.consumer import Batch, FeedbackConsumer
 from feedback.events import FeedbackEvent
 from feedback.ledger import Outcome
-from liveloop.adapters import AdapterArtifactError, read_adapter, verify_adapter
-from liveloop.model import BaseModel
+from liveloop.adapter_artifacts import AdapterArtifactError, read_adapter, verify_adapter
+from liveloop.model import LoadedModel
 from liveloop.promotion import Promoter
 from liveloop.registry import Kind, Lineage, Registry, RegistryError, State
 from liveloop.sampling import SamplingParams, sequence_logprobs
@@ -78,7 +78,7 @@ class Candidate:
 class Trainer:
     """Owns the policy (and reward model), the consumer's pending batches and the registry writes."""
 
-    def __init__(self, settings: Settings, base: BaseModel, *, registry: Registry,
+    def __init__(self, settings: Settings, base: LoadedModel, *, registry: Registry,
                  sessions: sessionmaker[Session], consumer: FeedbackConsumer):
         self.settings, self.base, self.registry, self.sessions = settings, base, registry, sessions
         self.consumer, self.ledger = consumer, consumer.ledger

@@ -6,7 +6,7 @@ import logging
 
 import typer
 
-from liveloop.cli import adapters as adapter_commands
+from liveloop.cli import adapter_commands
 from liveloop.cli import feedback as feedback_commands
 from liveloop.cli import simulate as simulate_commands
 from liveloop.cli import trainer as trainer_commands
@@ -46,8 +46,6 @@ def up() -> None:
     import subprocess
     import sys
 
-    import uvicorn
-
     from feedback.broker import resolved_kafka
     from feedback.kafka import ensure_topics
     from liveloop.db import migrate
@@ -57,15 +55,36 @@ def up() -> None:
     settings = _settings()
     migrate(settings.resolved_database_url)  # once, before two processes would race to do it
     prepare_base_model(settings)
+    # Ctrl-C signals the terminal's whole process group; the trainer and the broker run in sessions of their own,
+    # so that they stop in order: the trainer first (told as the API begins its shutdown), the broker last
     with resolved_kafka(settings) as settings:
         ensure_topics(settings)
         env = {**os.environ, "LIVELOOP_KAFKA_BOOTSTRAP": settings.kafka_bootstrap}
-        trainer = subprocess.Popen([sys.executable, "-m", "liveloop", "train"], env=env)
+        trainer = subprocess.Popen([sys.executable, "-m", "liveloop", "train"], env=env, start_new_session=True)
         try:
-            uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
-        finally:
+            _serve(create_app(settings), settings, on_exit=trainer.terminate)
+        finally:  # the trainer finishes its step; killed, it loses nothing either (see trainer.worker)
             trainer.terminate()
-            trainer.wait(60)
+            try:
+                trainer.wait(10)
+            except subprocess.TimeoutExpired:
+                trainer.kill()
+                trainer.wait()
+
+
+def _serve(app, settings: Settings, *, on_exit) -> None:
+    """uvicorn until SIGINT/SIGTERM, calling ``on_exit`` first when one arrives."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info"))
+    api_exit = server.handle_exit
+
+    def handle_exit(sig, frame) -> None:
+        on_exit()
+        api_exit(sig, frame)
+
+    server.handle_exit = handle_exit
+    server.run()
 
 
 @app.command("prepare-model")

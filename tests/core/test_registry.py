@@ -6,7 +6,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from liveloop.adapters import WEIGHTS, AdapterArtifactError
+from liveloop.adapter_artifacts import WEIGHTS, AdapterArtifactError
 from liveloop.registry import IllegalTransition, Kind, Lineage, NameTaken, Registry, State, Thumbs, UnknownVersion
 from liveloop.tables import AdapterTransition, OutboxMessage, utcnow
 

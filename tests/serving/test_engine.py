@@ -20,9 +20,9 @@ from peft import get_peft_model
 from prometheus_client import REGISTRY
 from transformers import AutoModelForCausalLM
 
-from liveloop.adapters import AdapterArtifactError, default_lora_config, save_adapter
+from liveloop.adapter_artifacts import AdapterArtifactError, default_lora_config, save_adapter
 from liveloop.engine.offline import generate
-from liveloop.model import BaseModel, load_base_model
+from liveloop.model import LoadedModel, load_base_model
 from liveloop.sampling import SamplingParams, sequence_logprobs
 from serving.engine import (
     Engine,
@@ -46,7 +46,7 @@ MIXED = [  # different prompts and sampling parameters in one batch
 
 
 @pytest.fixture
-def tiny_base(make_settings, tiny_model_dir) -> BaseModel:
+def tiny_base(make_settings, tiny_model_dir) -> LoadedModel:
     """A fresh tiny base per test: loading an adapter wraps the model in place."""
     return load_base_model(make_settings(base_model=tiny_model_dir))
 
@@ -55,7 +55,7 @@ def tiny_base(make_settings, tiny_model_dir) -> BaseModel:
 def make_engine(tiny_base):
     engines = []
 
-    def make(base: BaseModel | None = None, **options) -> Engine:
+    def make(base: LoadedModel | None = None, **options) -> Engine:
         options = {"max_batch_size": 8, "max_queue": 16, **options}
         engines.append(Engine(base or tiny_base, **options))
         return engines[-1]
@@ -65,12 +65,12 @@ def make_engine(tiny_base):
         engine.shutdown()
 
 
-def chat(base: BaseModel, content: str) -> list[int]:
+def chat(base: LoadedModel, content: str) -> list[int]:
     return base.tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                               return_dict=False)
 
 
-def request(base: BaseModel, content: str, adapter: str | None = None, **params) -> GenerationRequest:
+def request(base: LoadedModel, content: str, adapter: str | None = None, **params) -> GenerationRequest:
     return GenerationRequest(chat(base, content), SamplingParams(**params), adapter=adapter)
 
 
@@ -479,7 +479,7 @@ INVARIANT = [  # (prompt, temperature, top_p, uses the adapter)
 ]
 
 
-def generate_mixed(engine: Engine, base: BaseModel, adapter: str, max_tokens: int) -> list[tuple]:
+def generate_mixed(engine: Engine, base: LoadedModel, adapter: str, max_tokens: int) -> list[tuple]:
     """INVARIANT's requests, half of them joining mid-run; returns (request, result) pairs. Plain prompts without
     the chat template's system prompt keep the prefill (slow in bf16 on CPUs without bf16 units) short."""
     requests = [GenerationRequest(base.tokenizer.encode(content),

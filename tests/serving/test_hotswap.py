@@ -20,14 +20,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from feedback.broker import free_port
 from feedback.kafka import ensure_topics
 from feedback.relay import Relay
-from liveloop.adapters import WEIGHTS
+from liveloop.adapter_artifacts import WEIGHTS
 from liveloop.db import make_engine, make_sessionmaker, migrate
 from liveloop.model import load_base_model
 from liveloop.promotion import in_canary
 from liveloop.registry import Registry, open_registry
 from liveloop.sampling import SamplingParams
 from liveloop.tables import Completion
-from serving.adapters import AdapterSet
+from serving.routing import AdapterSet
 from serving.engine import Engine, GenerationRequest
 from serving.hotswap import AdapterWatcher
 

@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from liveloop.adapters import default_lora_config
+from liveloop.adapter_artifacts import default_lora_config
 from trainer.policy import POLICY_ADAPTER
 
 

@@ -9,7 +9,7 @@ import torch
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from liveloop.adapters import default_lora_config, save_adapter
+from liveloop.adapter_artifacts import default_lora_config, save_adapter
 from liveloop.engine.offline import generate
 from liveloop.sampling import SamplingParams
 from liveloop.tables import Completion, Feedback

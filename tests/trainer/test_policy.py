@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from liveloop.adapters import AdapterArtifactError, verify_adapter
+from liveloop.adapter_artifacts import AdapterArtifactError, verify_adapter
 from liveloop.model import load_base_model
 from trainer.config import PPOConfig
 from trainer.policy import PaddedBatch, Policy

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from feedback.events import FeedbackEvent
-from liveloop.adapters import EXTRA_TENSORS, AdapterArtifactError, verify_adapter
+from liveloop.adapter_artifacts import EXTRA_TENSORS, AdapterArtifactError, verify_adapter
 from trainer.heldout import is_heldout
 from trainer.policy import POLICY_ADAPTER
 from trainer.reward_model import (

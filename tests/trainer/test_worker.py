@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -20,7 +25,7 @@ from liveloop.model import load_base_model
 from liveloop.registry import Kind, Registry, State
 from liveloop.sampling import SamplingParams
 from liveloop.tables import Completion, ConsumedFeedback, OutboxMessage, utcnow
-from tests.feedback.helpers import rate_each
+from tests.feedback.helpers import rate_each, wait_until
 from trainer.heldout import GATES_SPLIT, is_heldout
 from trainer.worker import Trainer
 
@@ -250,3 +255,55 @@ def test_reward_model_mode_trains_the_reward_model_and_updates_on_fresh_rollouts
     assert restarted.reward_model.increments == 1
     assert (restarted.reward_model.config.lr, restarted.reward_model.config.epochs_per_increment) == (3e-4, 3)
     assert restarted.reward_model.optimizer.param_groups[0]["lr"] == 3e-4
+
+
+def _env(settings, **extra) -> dict[str, str]:
+    """The process environment that gives ``liveloop`` these settings."""
+    fields = ("kafka_bootstrap", "feedback_topic", "feedback_dlq_topic", "adapter_events_topic",
+              "feedback_consumer_group", "kafka_request_timeout_ms", "kafka_delivery_timeout_ms",
+              "kafka_session_timeout_ms", "kafka_heartbeat_interval_ms", "base_model", "database_url", "data_dir",
+              "model_cache_dir", "train_batch_min", "train_batch_max", "train_poll_s", "trainer_metrics_port",
+              "promotion_policy", "gate_holdout_fraction", "gate_prompts", "gate_max_new_tokens", "ppo")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIVELOOP_")}
+    for name in fields:
+        value = getattr(settings, name)
+        env[f"LIVELOOP_{name.upper()}"] = json.dumps(value) if isinstance(value, dict) else str(value)
+    return env | {f"LIVELOOP_{k.upper()}": str(v) for k, v in extra.items()}
+
+
+def _train_process(settings, log_path) -> subprocess.Popen:
+    with open(log_path, "ab") as output:
+        return subprocess.Popen([sys.executable, "-m", "liveloop", "train"], env=_env(settings), stdout=output,
+                                stderr=subprocess.STDOUT)
+
+
+def test_liveloop_train_killed_then_its_broker_lost_trains_every_rating_exactly_once(trainer_settings, broker,
+                                                                                     tmp_path):
+    """The production wiring: `liveloop train` is killed right after registering a candidate (Kafka's commit
+    may or may not have followed), ratings relayed meanwhile die with the broker; the next `liveloop train`
+    keeps the candidate, republishes the ratings no version consumed, and trains each of them once."""
+    settings = trainer_settings(train_batch_max=6)
+    sessions = make_sessionmaker(make_engine(settings.resolved_database_url))
+    registry = Registry(sessions, LocalArtifactStore(settings.resolved_artifact_dir))
+    completions = _served_completions(settings, sessions, 12)
+    rated = _rate(settings, sessions, completions[:6])
+    first = _train_process(settings, tmp_path / "train.log")
+    try:
+        wait_until(lambda: registry.versions(kind=Kind.POLICY), timeout_s=120)
+    finally:
+        first.kill()  # SIGKILL: no clean-up of any kind
+        first.wait()
+    rated += _rate(settings, sessions, completions[6:])  # relayed to the broker ...
+    broker.stop()  # ... which restarts empty
+    broker.start()
+
+    second = _train_process(settings, tmp_path / "train.log")
+    try:
+        wait_until(lambda: {e for e, (outcome, _) in _outcomes(sessions).items() if outcome == "trained"}
+                   == set(rated), timeout_s=120)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(60) == 0
+    lineages = [e for version in registry.versions(kind=Kind.POLICY) for e in version.consumed_event_ids]
+    assert sorted(lineages) == sorted(rated)  # every rating, each in exactly one version's lineage
+    assert not [t for t in registry.audit() if "orphan" in t.reason]
