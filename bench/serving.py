@@ -294,7 +294,8 @@ def main() -> None:
     report(runs, baseline, bounds)
 
 
-def http_runs(args: argparse.Namespace, base: LoadedModel, prompts: list[list[int]], params: SamplingParams) -> list[Run]:
+def http_runs(args: argparse.Namespace, base: LoadedModel, prompts: list[list[int]],
+              params: SamplingParams) -> list[Run]:
     messages = {id(p): [{"role": "user", "content": q}] for p, q in zip(prompts, QUESTIONS, strict=True)}
     with tempfile.TemporaryDirectory() as tmp:
         adapter_dir = random_adapter(base, Path(tmp) / "bench-live") if args.adapter else None

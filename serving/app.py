@@ -16,13 +16,13 @@ from liveloop.db import make_sessionmaker, open_database
 from liveloop.model import load_base_model
 from liveloop.registry import open_registry
 from liveloop.settings import Settings
-from serving.routing import AdapterSet
 from serving.chat import ChatService
 from serving.engine import Engine
 from serving.errors import DeclaredBodyLimit, install_error_handlers
 from serving.hotswap import AdapterWatcher
 from serving.routers import admin, chat, health, models
 from serving.routers import feedback as feedback_routes
+from serving.routing import AdapterSet
 from serving.store import CompletionStore
 
 log = logging.getLogger(__name__)

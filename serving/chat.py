@@ -18,7 +18,6 @@ from transformers import PreTrainedTokenizerBase
 
 from liveloop.sampling import SamplingParams
 from liveloop.settings import Settings
-from serving.routing import AdapterSet
 from serving.engine import Engine, EngineFull, GenerationRequest, GenerationResult, RequestStream
 from serving.errors import APIError, BadRequest, Overloaded
 from serving.protocol import (
@@ -35,6 +34,7 @@ from serving.protocol import (
     TokenLogprob,
     Usage,
 )
+from serving.routing import AdapterSet
 from serving.store import CompletionRecord, CompletionStore
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,8 @@ class ChatService:
                                                           adapter=resolved.adapter))
         except EngineFull as exc:
             raise Overloaded("The server is at capacity; retry shortly.", headers={"Retry-After": "1"}) from exc
-        return PendingCompletion(new_completion_id(), request, resolved.served_name, prompt_ids, params, stream, user_id,
-                          time.perf_counter(), int(time.time()))
+        return PendingCompletion(new_completion_id(), request, resolved.served_name, prompt_ids, params, stream,
+                                 user_id, time.perf_counter(), int(time.time()))
 
     def _prompt_ids(self, request: ChatCompletionRequest) -> list[int]:
         messages = [message.template_dict() for message in request.messages]

@@ -31,8 +31,8 @@ from feedback.kafka import make_consumer
 from liveloop.adapter_artifacts import AdapterArtifactError
 from liveloop.registry import Kind, Registry, RegistryError
 from liveloop.settings import Settings
-from serving.routing import AdapterSet
 from serving.engine import Engine
+from serving.routing import AdapterSet
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ from liveloop.promotion import in_canary
 from liveloop.registry import Registry, open_registry
 from liveloop.sampling import SamplingParams
 from liveloop.tables import Completion
-from serving.routing import AdapterSet
 from serving.engine import Engine, GenerationRequest
 from serving.hotswap import AdapterWatcher
+from serving.routing import AdapterSet
 
 WAIT_S = 60.0  # an upper bound for "eventually", far above what any of this takes; not a speed assertion
 
