@@ -123,16 +123,39 @@ class Settings(BaseSettings):
     gate_holdout_fraction: float = Field(
         0.1, gt=0, lt=1, description="Share of live completions (stable hash of the id) never trained on, for gates."
     )
-    gate_prompts: int = Field(16, ge=1, description="Held-out prompts each gate run generates for.")
-    gate_max_new_tokens: int = Field(48, ge=1, description="Greedy tokens generated per held-out prompt.")
+    gate_prompts: int = Field(
+        16, ge=1, description="Held-out prompts in the fixed sample a gate run generates for, in one batch (the "
+        "KL and generation-sanity gates); topped up from the shipped prompts while live traffic is thin.",
+    )
+    gate_max_new_tokens: int = Field(48, ge=1, description="Greedy tokens generated per gate prompt.")
+    gate_reward_samples: int = Field(
+        128, ge=1, description="Most rated held-out completions in the fixed sample the reward gate reweights.",
+    )
+    gate_reward_tokens: int = Field(
+        8192, ge=1, description="Most prompt + response tokens in that sample (it stops before the completion "
+        "that would pass this): with gate_reward_samples, bounds the reward gate's cost whatever the held-out set.",
+    )
+    gate_reward_min_ess: float = Field(
+        30.0, gt=0, description="Effective sample size (Kish, of the truncated importance weights; the smaller of "
+        "candidate's and live's) the reward gate needs; below it the gate passes as 'skipped: insufficient "
+        "evidence' with a null CI, and the canary's thumbs decide.",
+    )
+    gate_reward_confidence: float = Field(
+        0.9, gt=0, lt=1, description="Level of the two-sided confidence interval [ci_low, ci_high] of the "
+        "thumbs-up rate difference candidate − live; the gate fails when ci_high < −gate_reward_epsilon.",
+    )
     gate_reward_epsilon: float = Field(
-        0.05, ge=0, description="Reward may fall below the live version's by this much (thumbs-up rate in direct "
-        "mode, reward-model score otherwise).",
+        0.05, ge=0, description="The reward gate fails only when the candidate's thumbs-up rate is shown below the "
+        "live version's by more than this (ci_high < −this).",
     )
-    gate_reward_min_samples: int = Field(
-        8, ge=1, description="Rated held-out samples needed to estimate reward in direct mode; fewer skips gate 1."
+    gate_kl_target_multiple: float = Field(
+        2.0, gt=0, description="The KL gate's bound is this multiple of the training target PPOConfig.target_kl "
+        "(nats per token; LIVELOOP_PPO overrides included): mean per-token KL(candidate ‖ base) at T = 1.",
     )
-    gate_max_kl: float = Field(0.5, gt=0, description="Mean per-token KL(candidate ‖ base) on held-out prompts.")
+    gate_max_kl: float = Field(
+        0.1, gt=0, description="The KL gate's bound, in nats per token, when training has no KL target "
+        "(target_kl null: a fixed β).",
+    )
     gate_perplexity_delta: float = Field(
         0.1, ge=0, description="Reference-text perplexity may be at most (1 + this) × the base model's."
     )

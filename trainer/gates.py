@@ -1,22 +1,40 @@
 """Evaluation gates: a candidate adapter reaches users only when it passes every one of them.
 
-1. ``reward``: on held-out live prompts (completions whose id falls in the held-out split, which the trainer
-   never trains on), the candidate's reward minus the live version's is at least −ε.
-   - With a reward model (``scorer``): the mean score of each version's greedy responses to the prompts.
-   - In direct mode there is no scorer, so the value is an off-policy estimate of each version's thumbs-up rate
-     from the logged, rated held-out samples: self-normalised importance sampling with truncated weights,
-     ``w_i = min(π(y_i|x_i) / b(y_i|x_i), W_MAX)``, ``rate = Σ w_i·up_i / Σ w_i``, where ``b`` is the
-     behaviour log-prob recorded at serving time and ``π`` is recomputed under the same sampling parameters
-     with ``liveloop.sampling``. Truncation trades a little bias for bounded variance; the effective sample
-     size is reported. With fewer than ``gate_reward_min_samples`` rated samples the gate is skipped (passes,
-     marked ``skipped``): the canary on live thumbs still stands between the candidate and most users.
-2. ``kl``: mean per-token KL(candidate ‖ base), exact over the vocabulary, along the candidate's greedy
-   responses to the held-out prompts, ≤ ``gate_max_kl``.
+A gate run costs about the same whatever the size of the held-out set. It looks at a fixed-size sample of it
+(``load_heldout``: the held-out completions with the smallest split hash, so the sample changes only when a new
+completion's hash beats it), generates for the sample's prompts in one batch, recomputes log-probs in batched
+forwards, and caches what does not change from one run to the next: the base model's greedy responses and
+reference perplexity, and the live version's log-probs of the rated sample.
+
+1. ``reward``: the thumbs-up rate of the candidate minus the live version's, estimated off-policy from rated
+   held-out completions (which neither the policy nor the reward model ever trains on). Each rate is
+   self-normalised importance sampling with truncated weights, ``w_i = min(π(y_i|x_i) / b(y_i|x_i), W_MAX)``,
+   ``rate = Σ w_i·up_i / Σ w_i``, where ``b`` is the behaviour probability recorded at serving time and ``π`` is
+   recomputed under the same sampling parameters with ``liveloop.sampling``. Both rates reweight the same samples,
+   so the difference's confidence interval (delta method, ``gate_reward_confidence``) is paired.
+   - Evidence: the effective sample size ``ess`` (Kish, (Σw)²/Σw², the smaller of the candidate's and the live
+     version's) must reach ``gate_reward_min_ess``. Below it the gate passes, marked "skipped: insufficient
+     evidence", with null ``ci_low``/``ci_high``: the canary's thumbs then decide. Failing instead would stall
+     the loop until enough held-out thumbs arrive; a verdict on a handful of samples would be noise.
+   - Rule: the gate fails when ``ci_high < −gate_reward_epsilon``, i.e. the held-out thumbs show the candidate
+     worse than live by more than ε. Whether they show it better is the promotion's question: it reads
+     ``ci_low``, ``ci_high`` and ``ess`` from this result's details.
+   - The same in ``reward_model`` mode. The candidate was optimised against the reward model, and any other
+     snapshot was trained on mostly the same ratings (the next one does not even exist when the gate runs), so it
+     shares the errors PPO learnt to exploit. Held-out thumbs are what every snapshot approximates, and no
+     snapshot or policy trained on them. The reward model's own opinion, its mean score of the candidate's
+     greedy responses minus the base's, is reported as ``reward_model_delta`` and never gated: a large value next
+     to a thumbs difference near zero is what reward hacking looks like.
+2. ``kl``: mean per response token of KL(π_candidate ‖ π_base), exact over the vocabulary at temperature 1, along
+   the candidate's greedy responses to the gate prompts (deterministic for a given adapter, and the responses
+   the sanity gates judge). That is the quantity PPO's adaptive β steers towards ``PPOConfig.target_kl`` (nats per
+   token, ``LIVELOOP_PPO`` overrides included), and the bound is ``gate_kl_target_multiple`` × that target
+   (``gate_max_kl`` when training has no target).
 3. ``perplexity``: on ``liveloop/data/reference.txt`` ≤ (1 + δ) × the base model's.
 4. Generation sanity, on the same greedy responses, each against the base model's responses to the same
-   prompts (greedy decoding makes that comparison exact): ``empty_outputs`` (prompts the candidate answers
-   with nothing but whitespace where the base does not) = 0; ``repetition`` (share of repeated token trigrams)
-   and ``length_limit_hits`` (share of responses cut at the token limit) within margins of the base's.
+   prompts: ``empty_outputs`` (prompts the candidate answers with nothing but whitespace where the base does not)
+   = 0; ``repetition`` (share of repeated token trigrams) and ``length_limit_hits`` (share of responses cut at
+   the token limit) within margins of the base's.
 5. ``weights``: every adapter tensor finite and max ‖ΔW‖_F / ‖W‖_F over the adapted projections bounded.
    Non-finite weights fail the run at once; the other gates are then reported as skipped.
 
@@ -34,8 +52,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
+from statistics import NormalDist
 
 import torch
+import torch.nn.functional as F
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from sqlalchemy import and_, select
@@ -45,10 +65,11 @@ from transformers import PreTrainedTokenizerBase
 from liveloop.adapter_artifacts import AdapterArtifactError
 from liveloop.engine.offline import Generation, generate
 from liveloop.registry import Registry, current_rating
-from liveloop.sampling import SamplingParams, sampling_logprobs, sequence_logprobs, token_logprobs
+from liveloop.sampling import SamplingParams, sampling_logprobs, token_logprobs
 from liveloop.settings import Settings
 from liveloop.tables import Completion, Feedback
-from trainer.heldout import GATES_SPLIT, is_heldout
+from trainer.config import PPOConfig
+from trainer.heldout import GATES_SPLIT, heldout_key
 from trainer.reward_model import adapter_active
 from trainer.tokens import left_pad, position_ids
 
@@ -56,9 +77,10 @@ log = logging.getLogger(__name__)
 
 CANDIDATE, LIVE = "gate-candidate", "gate-live"  # names of the adapters loaded for a run
 DATA = resources.files("liveloop") / "data"  # the reference text and fallback prompts shipped in the package
-W_MAX = 20.0  # importance-weight truncation of the direct-mode reward estimate
+W_MAX = 20.0  # importance-weight truncation of the reward estimate
 _PPL_WINDOW = 256  # reference-text tokens per perplexity forward
-_CHUNK = 8  # sequences per forward when recomputing logits (bounds the (B, T, V) logits tensor)
+_FORWARD_TOKENS = 4096  # padded tokens per batched forward (bounds activations and attention masks)
+_LOGITS_CHUNK = 256  # positions whose (chunk, vocab) logits exist at once
 _AFTER_WEIGHTS = ("reward", "kl", "perplexity", "empty_outputs", "repetition", "length_limit_hits")
 
 Scorer = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], torch.Tensor]  # (prompts, responses) → (B,)
@@ -91,8 +113,9 @@ class GateReport:
 
 @dataclass(frozen=True)
 class LoggedSample:
-    """A served, rated held-out completion: what the direct-mode reward estimate reweights."""
+    """A served, rated held-out completion: what the reward estimate reweights."""
 
+    completion_id: str
     prompt_ids: tuple[int, ...]
     response_ids: tuple[int, ...]
     behaviour_logprobs: tuple[float, ...]
@@ -106,10 +129,35 @@ class HeldOut:
     rated: list[LoggedSample]
 
 
+@dataclass(frozen=True)
+class RateDifference:
+    """Thumbs-up rates of candidate and live on the same logged samples, and a CI of their difference."""
+
+    candidate: float
+    live: float
+    ci_low: float
+    ci_high: float
+    ess: float  # the smaller of the two rates' effective sample sizes
+
+    @property
+    def difference(self) -> float:
+        return self.candidate - self.live
+
+
 def repetition_rate(tokens: Sequence[int], n: int = 3) -> float:
     """Share of the n-grams of ``tokens`` that repeat an earlier one (0 for fewer than n tokens)."""
     grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def truncated_weights(log_ratio: torch.Tensor) -> torch.Tensor:
+    """w = min(exp(log π − log b), W_MAX) (N,), in float64."""
+    return log_ratio.double().exp().clamp(max=W_MAX)
+
+
+def effective_sample_size(w: torch.Tensor) -> float:
+    """Kish's (Σw)² / Σw²: how many equally weighted samples the weights are worth (0 without support)."""
+    return float(w.sum() ** 2 / (w**2).sum()) if w.sum() > 0 else 0.0
 
 
 def importance_weighted_rate(log_ratio: torch.Tensor, thumbs_up: torch.Tensor) -> tuple[float | None, float]:
@@ -118,10 +166,37 @@ def importance_weighted_rate(log_ratio: torch.Tensor, thumbs_up: torch.Tensor) -
     log_ratio (N,): log π(y|x) − log b(y|x) per logged sample; thumbs_up (N,) in {0, 1}. None when no sample has
     support under π.
     """
-    w = log_ratio.double().exp().clamp(max=W_MAX)  # (N,)
+    w = truncated_weights(log_ratio)  # (N,)
     if w.sum() <= 0:
         return None, 0.0
-    return float((w * thumbs_up).sum() / w.sum()), float(w.sum() ** 2 / (w**2).sum())
+    return float((w * thumbs_up).sum() / w.sum()), effective_sample_size(w)
+
+
+def rate_difference(candidate_log_ratio: torch.Tensor, live_log_ratio: torch.Tensor, thumbs_up: torch.Tensor,
+                    confidence: float) -> RateDifference | None:
+    """Both rates by ``importance_weighted_rate`` on the same samples, and a two-sided ``confidence`` interval of
+    candidate − live by the delta method: each estimate moves by Σ_i a_i (y_i − rate) for normalised weights a, so
+    the difference's variance is Σ_i e_i² with e_i = a_i (y_i − rate_c) − b_i (y_i − rate_l), paired per sample.
+    None when either version gives no sample support."""
+    wc, wl = truncated_weights(candidate_log_ratio), truncated_weights(live_log_ratio)  # (N,) each
+    if wc.sum() <= 0 or wl.sum() <= 0:
+        return None
+    y = thumbs_up.double()
+    a, b = wc / wc.sum(), wl / wl.sum()
+    ours, theirs = float(a @ y), float(b @ y)
+    e = a * (y - ours) - b * (y - theirs)  # (N,)
+    n = len(y)
+    se = math.sqrt(float((e**2).sum()) * n / max(n - 1, 1))
+    half = NormalDist().inv_cdf((1 + confidence) / 2) * se
+    diff = ours - theirs
+    return RateDifference(ours, theirs, max(diff - half, -1.0), min(diff + half, 1.0),
+                          min(effective_sample_size(wc), effective_sample_size(wl)))
+
+
+def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(z) ‖ softmax(z_ref)) per row (N,) of logits (N, V), at temperature 1, exact over the vocabulary."""
+    logp, logq = torch.log_softmax(logits.float(), dim=-1), torch.log_softmax(ref_logits.float(), dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
 
 
 def relative_delta_norm(layer: LoraLayer, adapter: str) -> float:
@@ -130,6 +205,12 @@ def relative_delta_norm(layer: LoraLayer, adapter: str) -> float:
     b = layer.lora_B[adapter].weight.double()  # (out, r)
     delta = layer.scaling[adapter] * ((b.T @ b) * (a @ a.T)).sum().clamp(min=0).sqrt()
     return float(delta / layer.get_base_layer().weight.double().norm())
+
+
+def kl_bound(settings: Settings) -> tuple[float, float | None]:
+    """The KL gate's bound and the training target it derives from (None: training has no target)."""
+    target = PPOConfig.from_dict(settings.ppo).target_kl
+    return (settings.gate_max_kl if target is None else settings.gate_kl_target_multiple * target), target
 
 
 def _gate(name: str, value: float | None, threshold: float | None, passed: bool, **details) -> GateResult:
@@ -142,8 +223,11 @@ def _gate(name: str, value: float | None, threshold: float | None, passed: bool,
 class Gates:
     def __init__(self, model: PeftModel, tokenizer: PreTrainedTokenizerBase, *, eos_token_ids: set[int],
                  settings: Settings, scorer: Scorer | None = None):
+        """``scorer``: in reward_model mode, the reward model the candidates are trained against; it is only
+        reported (``reward_model_delta``), never gated (module docstring)."""
         self.model, self.tokenizer, self.settings, self.scorer = model, tokenizer, settings, scorer
         self.eos_token_ids = eos_token_ids
+        self.kl_bound, self.kl_target = kl_bound(settings)
         ids = tokenizer((DATA / "reference.txt").read_text())["input_ids"]
         self._reference = [torch.tensor([ids[i:i + _PPL_WINDOW]]) for i in range(0, len(ids) - 1, _PPL_WINDOW)]
         self._fallback_prompts = [
@@ -152,7 +236,9 @@ class Gates:
             for line in (DATA / "prompts.txt").read_text().splitlines() if line.strip()
         ]
         self._base_ppl: float | None = None
-        self._base_generations: tuple[list[tuple[int, ...]], list[Generation]] | None = None
+        self._base_generations: dict[tuple[int, ...], Generation] = {}  # of the current prompt sample
+        self._live_key: str | None = None  # the version whose log-probs _live_logprobs holds
+        self._live_logprobs: dict[str, float] = {}  # completion id → log π_live(y|x), of the current rated sample
 
     def evaluate(self, candidate: Path, *, live: Path | None, heldout: HeldOut) -> GateReport:
         """Run every gate on the adapter in ``candidate`` against ``live`` (None: the base model is live)."""
@@ -161,11 +247,13 @@ class Gates:
         try:
             with torch.no_grad(), self._loaded(candidate, CANDIDATE), self._loaded(live, LIVE):
                 self.model.eval()
-                return self._run(prompts, heldout.rated, live=LIVE if live is not None else None)
+                live_version = (LIVE, str(live)) if live is not None else (None, "base")
+                return self._run(prompts, heldout.rated, live_version)
         finally:
             self.model.train(training)
 
-    def _run(self, prompts: list[tuple[int, ...]], rated: list[LoggedSample], live: str | None) -> GateReport:
+    def _run(self, prompts: list[tuple[int, ...]], rated: list[LoggedSample],
+             live: tuple[str | None, str]) -> GateReport:
         weights = self._weights()
         if weights.details.get("finite") is False:
             skipped = [GateResult(name, None, None, False, {"skipped": "weights are not finite"})
@@ -177,7 +265,7 @@ class Gates:
             perplexity = self._perplexity()
         threshold = (1 + self.settings.gate_perplexity_delta) * base_perplexity
         return GateReport((
-            self._reward(prompts, candidate, rated, live),
+            self._reward(rated, live, candidate, base),
             self._kl(candidate),
             _gate("perplexity", perplexity, threshold, perplexity <= threshold, base=base_perplexity),
             *self._sanity(candidate, base),
@@ -186,51 +274,49 @@ class Gates:
 
     # --- gates ----------------------------------------------------------------------------------------
 
-    def _reward(self, prompts: list[tuple[int, ...]], candidate: list[Generation], rated: list[LoggedSample],
-                live: str | None) -> GateResult:
-        epsilon = self.settings.gate_reward_epsilon
-        if self.scorer is not None:
-            if live is None:
-                live_generations = self._base(prompts)
-            else:
-                with self._adapter(live):
-                    live_generations = self._generate(prompts)
-            ours, theirs = (float(self.scorer(prompts, [g.response_ids for g in gens]).mean())
-                            for gens in (candidate, live_generations))
-            return _gate("reward", ours - theirs, -epsilon, ours - theirs >= -epsilon, mode="reward_model",
-                         candidate=ours, live=theirs, prompts=len(prompts))
-        if len(rated) < self.settings.gate_reward_min_samples:
+    def _reward(self, rated: list[LoggedSample], live: tuple[str | None, str], candidate: list[Generation],
+                base: list[Generation]) -> GateResult:
+        s = self.settings
+        epsilon, min_ess = s.gate_reward_epsilon, s.gate_reward_min_ess
+        details = {"mode": s.reward_source, "evidence": "held-out thumbs", "samples": len(rated),
+                   "confidence": s.gate_reward_confidence, "min_ess": min_ess,
+                   **self._reward_model_delta(candidate, base)}
+        estimate = None
+        if len(rated) >= min_ess:  # the ESS never exceeds the sample count: skip the forwards when it cannot reach
+            behaviour = torch.tensor([sum(x.behaviour_logprobs) for x in rated], dtype=torch.float64)
+            thumbs = torch.tensor([float(x.thumbs_up) for x in rated], dtype=torch.float64)
+            ours = self._sequence_logprobs(CANDIDATE, rated) - behaviour
+            theirs = self._live_sequence_logprobs(live, rated) - behaviour
+            estimate = rate_difference(ours, theirs, thumbs, s.gate_reward_confidence)
+        if estimate is None or estimate.ess < min_ess:
+            ess = estimate.ess if estimate is not None else 0.0
             return GateResult("reward", None, -epsilon, True, {
-                "mode": "direct", "skipped": f"{len(rated)} rated held-out samples, "
-                f"{self.settings.gate_reward_min_samples} needed"})
-        behaviour = torch.tensor([sum(s.behaviour_logprobs) for s in rated], dtype=torch.float64)
-        thumbs = torch.tensor([float(s.thumbs_up) for s in rated], dtype=torch.float64)
-        (ours, ess), (theirs, live_ess) = (
-            importance_weighted_rate(self._sequence_logprobs(adapter, rated) - behaviour, thumbs)
-            for adapter in (CANDIDATE, live))
-        if ours is None or theirs is None:
-            return GateResult("reward", None, -epsilon, True, {
-                "mode": "direct", "skipped": "no rated sample is possible under both versions"})
-        return _gate("reward", ours - theirs, -epsilon, ours - theirs >= -epsilon, mode="direct", candidate=ours,
-                     live=theirs, samples=len(rated), ess=ess, live_ess=live_ess)
+                **details, "ess": ess, "ci_low": None, "ci_high": None,
+                "skipped": f"insufficient evidence: effective sample size {ess:.1f} < {min_ess:g}"})
+        return _gate("reward", estimate.difference, -epsilon, estimate.ci_high >= -epsilon, **details,
+                     candidate=estimate.candidate, live=estimate.live, ess=estimate.ess, ci_low=estimate.ci_low,
+                     ci_high=estimate.ci_high)
+
+    def _reward_model_delta(self, candidate: list[Generation], base: list[Generation]) -> dict:
+        if self.scorer is None:
+            return {}
+        ours, theirs = (float(self.scorer([g.prompt_ids for g in gens], [g.response_ids for g in gens]).mean())
+                        for gens in (candidate, base))
+        return {"reward_model_delta": ours - theirs}
 
     def _kl(self, candidate: list[Generation]) -> GateResult:
-        """Mean over response tokens of KL(π_candidate(·|prefix) ‖ π_base(·|prefix)), in nats."""
+        """Mean over response tokens of KL(π_candidate(·|prefix) ‖ π_base(·|prefix)) at T = 1, in nats."""
         prompts, responses = [g.prompt_ids for g in candidate], [g.response_ids for g in candidate]
-        total, count = 0.0, 0
-        for start in range(0, len(prompts), _CHUNK):
-            chunk = slice(start, start + _CHUNK)
-            with self._adapter(CANDIDATE):
-                ours = self._response_logits(prompts[chunk], responses[chunk])
-            with self._adapter(None):
-                theirs = self._response_logits(prompts[chunk], responses[chunk])
-            for p_logits, q_logits in zip(ours, theirs, strict=True):  # (T, V) each
-                ones = torch.ones(len(p_logits))
-                logp, logq = sampling_logprobs(p_logits, ones, ones), sampling_logprobs(q_logits, ones, ones)
-                total += float((logp.exp() * (logp - logq)).sum())
-                count += len(p_logits)
-        kl = total / max(count, 1)
-        return _gate("kl", kl, self.settings.gate_max_kl, kl <= self.settings.gate_max_kl, tokens=count)
+        with self._adapter(CANDIDATE):
+            ours = torch.cat(self._response_hidden(prompts, responses))  # (N, H)
+        with self._adapter(None):
+            theirs = torch.cat(self._response_hidden(prompts, responses))  # (N, H)
+        head = self._lm_head
+        kl = torch.cat([token_kl(F.linear(ours[i:i + _LOGITS_CHUNK], head), F.linear(theirs[i:i + _LOGITS_CHUNK], head))
+                        for i in range(0, len(ours), _LOGITS_CHUNK)])  # (N,)
+        value = float(kl.mean()) if len(kl) else 0.0
+        return _gate("kl", value, self.kl_bound, value <= self.kl_bound, tokens=len(kl), positions="greedy",
+                     target_kl=self.kl_target, target_multiple=self.settings.gate_kl_target_multiple)
 
     def _sanity(self, candidate: list[Generation], base: list[Generation]) -> list[GateResult]:
         s = self.settings
@@ -262,15 +348,17 @@ class Gates:
 
     def _generate(self, prompts: list[tuple[int, ...]]) -> list[Generation]:
         greedy = SamplingParams(temperature=0.0, max_tokens=self.settings.gate_max_new_tokens)
-        return generate(self.model, prompts, [greedy] * len(prompts), eos_token_ids=self.eos_token_ids,
-                        generator=torch.Generator().manual_seed(0))
+        return generate(self.model, prompts, [greedy] * len(prompts),
+                        eos_token_ids=self.eos_token_ids, generator=torch.Generator().manual_seed(0))
 
     def _base(self, prompts: list[tuple[int, ...]]) -> list[Generation]:
-        """The base model's greedy responses, remembered for the last prompt set (it changes slowly)."""
-        if self._base_generations is None or self._base_generations[0] != prompts:
+        """The base model's greedy responses, generated (in one batch) only for prompts new to the sample."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._base_generations]
+        if missing:
             with self._adapter(None):
-                self._base_generations = (prompts, self._generate(prompts))
-        return self._base_generations[1]
+                self._base_generations.update(zip(missing, self._generate(missing), strict=True))
+        self._base_generations = {p: self._base_generations[p] for p in prompts}
+        return [self._base_generations[p] for p in prompts]
 
     def _base_perplexity(self) -> float:
         if self._base_ppl is None:  # the base never changes: measured once
@@ -287,24 +375,60 @@ class Gates:
             nll, count = nll - float(logp.sum()), count + logp.numel()
         return math.exp(nll / count)
 
+    def _live_sequence_logprobs(self, live: tuple[str | None, str], samples: list[LoggedSample]) -> torch.Tensor:
+        """``_sequence_logprobs`` of the live version, computed only for samples new to the rated sample (the
+        live version changes only at a promotion or rollback)."""
+        adapter, key = live
+        if key != self._live_key:
+            self._live_key, self._live_logprobs = key, {}
+        missing = [x for x in samples if x.completion_id not in self._live_logprobs]
+        if missing:
+            recomputed = self._sequence_logprobs(adapter, missing).tolist()
+            self._live_logprobs.update(zip((x.completion_id for x in missing), recomputed, strict=True))
+        self._live_logprobs = {x.completion_id: self._live_logprobs[x.completion_id] for x in samples}
+        return torch.tensor([self._live_logprobs[x.completion_id] for x in samples], dtype=torch.float64)
+
     def _sequence_logprobs(self, adapter: str | None, samples: list[LoggedSample]) -> torch.Tensor:
         """log π(y|x) (N,) of each logged response under its own sampling parameters, as serving sampled it."""
-        return torch.tensor([sum(sequence_logprobs(self.model, list(s.prompt_ids), list(s.response_ids), s.sampling,
-                                                   adapter)) for s in samples], dtype=torch.float64)
+        if not samples:
+            return torch.zeros(0, dtype=torch.float64)
+        with self._adapter(adapter):
+            hidden = torch.cat(self._response_hidden([x.prompt_ids for x in samples],
+                                                     [x.response_ids for x in samples]))  # (T, H), all responses
+        per_token = [(x.sampling.temperature, x.sampling.top_p) for x in samples for _ in x.response_ids]
+        temperature, top_p = torch.tensor(per_token).T  # (T,) each
+        tokens = torch.tensor([t for x in samples for t in x.response_ids])  # (T,)
+        logp = torch.cat([
+            sampling_logprobs(F.linear(hidden[i:i + _LOGITS_CHUNK], self._lm_head), temperature[i:i + _LOGITS_CHUNK],
+                              top_p[i:i + _LOGITS_CHUNK]).gather(1, tokens[i:i + _LOGITS_CHUNK, None]).squeeze(1)
+            for i in range(0, len(tokens), _LOGITS_CHUNK)]).double()  # (T,)
+        return torch.stack([part.sum() for part in logp.split([len(x.response_ids) for x in samples])])
 
-    def _response_logits(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]
+    def _response_hidden(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]
                          ) -> list[torch.Tensor]:
-        """Logits (T_i, V) predicting each response token, from one left-padded forward of prompt + response."""
-        input_ids, attention_mask = left_pad([[*p, *r] for p, r in zip(prompts, responses, strict=True)],
-                                             self._pad)  # (B, W); every row ends in column W-1
-        keep = max(len(r) for r in responses) + 1
-        device = self.model.device
-        logits = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                            position_ids=position_ids(attention_mask).to(device),
-                            logits_to_keep=keep).logits.float().cpu()  # (B, keep, V)
-        return [logits[row, keep - 1 - len(r):keep - 1] for row, r in enumerate(responses)]
+        """Final hidden states (T_i, H) at the positions predicting each response token, under the active
+        adapter: left-padded forwards of prompt + response, similar lengths together, ``_FORWARD_TOKENS`` each."""
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
+        hidden: list[torch.Tensor | None] = [None] * len(prompts)
+        for rows in _token_batches(order, [len(prompts[i]) + len(responses[i]) for i in order], _FORWARD_TOKENS):
+            input_ids, attention_mask = left_pad([[*prompts[i], *responses[i]] for i in rows], self._pad)  # (B, W)
+            device, width = self.model.device, input_ids.shape[1]
+            states = self._decoder(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                   position_ids=position_ids(attention_mask).to(device)).last_hidden_state  # (B, W, H)
+            for row, i in enumerate(rows):  # every row ends in column W-1
+                hidden[i] = states[row, width - 1 - len(responses[i]):width - 1].float().cpu()
+        return hidden
 
     # --- plumbing -------------------------------------------------------------------------------------
+
+    @property
+    def _decoder(self) -> torch.nn.Module:
+        """The transformer without its lm_head; LoRA layers inside it follow the active adapter."""
+        return self.model.get_base_model().get_decoder()
+
+    @property
+    def _lm_head(self) -> torch.Tensor:
+        return self.model.get_output_embeddings().weight.float().cpu()  # (V, H)
 
     @contextmanager
     def _loaded(self, path: Path | None, name: str) -> Iterator[None]:
@@ -339,28 +463,62 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+def _token_batches(rows: list[int], lengths: list[int], budget: int) -> Iterator[list[int]]:
+    """Consecutive runs of ``rows`` (sorted by ascending ``lengths``) whose padded size rows × longest ≤ budget
+    (a longer row goes alone)."""
+    batch: list[int] = []
+    for row, length in zip(rows, lengths, strict=True):
+        if batch and (len(batch) + 1) * length > budget:
+            yield batch
+            batch = []
+        batch.append(row)
+    if batch:
+        yield batch
+
+
 # --- wiring: held-out data from the database, the verdict into the registry -----------------------------
 
 
-def load_heldout(sessions: sessionmaker[Session], *, fraction: float, prompts: int, rated: int,
+def load_heldout(sessions: sessionmaker[Session], *, fraction: float, prompts: int, rated: int, rated_tokens: int,
                  scan: int = 5000) -> HeldOut:
-    """The newest held-out completions among the last ``scan``: up to ``prompts`` distinct prompts, and up to
-    ``rated`` samples with their current rating."""
+    """A fixed sample of the held-out split among the newest ``scan`` completions, in the order of their split hash
+    (``heldout_key``): up to ``prompts`` distinct prompts, and up to ``rated`` samples with their current rating
+    and ``rated_tokens`` prompt + response tokens in all.
+
+    Ordered by the hash, the sample is uniform over the held-out completions, and a new completion enters it
+    only when its hash beats one in it, so the gates' caches keep hitting. The rated sample ends before the first
+    completion that would pass the token budget: skipping that one instead would favour short responses.
+    """
     with sessions() as session:
         recent = session.scalars(select(Completion.id).order_by(Completion.created_at.desc()).limit(scan)).all()
-        held = [cid for cid in recent if is_heldout(cid, fraction, split=GATES_SPLIT)][: max(prompts, rated) * 4]
-        rows = session.execute(
-            select(Completion.prompt_token_ids, Completion.response_token_ids, Completion.behaviour_logprobs,
-                   Completion.sampling_params, Feedback.rating)
-            .outerjoin(Feedback, and_(Feedback.completion_id == Completion.id, current_rating()))
-            .where(Completion.id.in_(held)).order_by(Completion.created_at.desc())
-        ).all()
-    distinct = list(dict.fromkeys(tuple(row.prompt_token_ids) for row in rows))[:prompts]
-    samples = [LoggedSample(tuple(r.prompt_token_ids), tuple(r.response_token_ids), tuple(r.behaviour_logprobs),
-                            SamplingParams.from_dict(r.sampling_params), r.rating == "up")
-               for r in rows if r.rating is not None and r.response_token_ids
-               and len(r.response_token_ids) == len(r.behaviour_logprobs)][:rated]
-    return HeldOut(prompts=distinct, rated=samples)
+        keys = {cid: heldout_key(cid, split=GATES_SPLIT) for cid in recent}
+        held = sorted((cid for cid in recent if keys[cid] < fraction), key=keys.__getitem__)
+        distinct: dict[tuple[int, ...], None] = {}
+        samples: list[LoggedSample] = []
+        tokens, rated_full, step = 0, False, 4 * max(prompts, rated)
+        for start in range(0, len(held), step):
+            if len(distinct) >= prompts and rated_full:
+                break
+            rows = session.execute(
+                select(Completion.id, Completion.prompt_token_ids, Completion.response_token_ids,
+                       Completion.behaviour_logprobs, Completion.sampling_params, Feedback.rating)
+                .outerjoin(Feedback, and_(Feedback.completion_id == Completion.id, current_rating()))
+                .where(Completion.id.in_(held[start:start + step]))
+            ).all()
+            for r in sorted(rows, key=lambda r: keys[r.id]):
+                if len(distinct) < prompts:
+                    distinct.setdefault(tuple(r.prompt_token_ids))
+                if rated_full or r.rating is None or not r.response_token_ids \
+                        or len(r.response_token_ids) != len(r.behaviour_logprobs):
+                    continue
+                tokens += len(r.prompt_token_ids) + len(r.response_token_ids)
+                rated_full = tokens > rated_tokens
+                if not rated_full:
+                    samples.append(LoggedSample(
+                        r.id, tuple(r.prompt_token_ids), tuple(r.response_token_ids), tuple(r.behaviour_logprobs),
+                        SamplingParams.from_dict(r.sampling_params), r.rating == "up"))
+                    rated_full = len(samples) >= rated
+    return HeldOut(prompts=list(distinct), rated=samples)
 
 
 def judge_candidate(registry: Registry, gates: Gates, sessions: sessionmaker[Session], name: str, *,
@@ -377,7 +535,7 @@ def judge_candidate(registry: Registry, gates: Gates, sessions: sessionmaker[Ses
         return None
     live = registry.live()
     heldout = load_heldout(sessions, fraction=settings.gate_holdout_fraction, prompts=settings.gate_prompts,
-                           rated=8 * settings.gate_prompts)
+                           rated=settings.gate_reward_samples, rated_tokens=settings.gate_reward_tokens)
     report = gates.evaluate(candidate, live=None if live is None else registry.artifact(live.name),
                             heldout=heldout)
     registry.judge(name, report=report.to_dict(), failed=report.failed)
