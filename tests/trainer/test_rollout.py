@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from liveloop.engine.offline import Generation, generate
 from liveloop.sampling import SamplingParams, sequence_logprobs
 from trainer.config import PPOConfig
-from trainer.policy import POLICY_ADAPTER, PolicyValueModel
+from trainer.policy import POLICY_ADAPTER, Policy
 from trainer.reward_model import RewardModel
 from trainer.rollout import RolloutConfig, fresh_samples, rollout_params
 from trainer.update import ppo_update
@@ -49,7 +49,7 @@ def test_recorded_logprobs_equal_a_full_forward_recomputation(tiny_peft_model):
 
 def test_rollouts_use_the_active_policy_adapter(tiny_peft_model):
     greedy = [SamplingParams(temperature=0.0, max_tokens=6)] * len(PROMPTS)
-    kwargs = {"eos_token_ids": EOS, "generator": torch.Generator()}
+    kwargs = {"pad_token_id": PAD, "eos_token_ids": EOS, "generator": torch.Generator()}
     with_policy = generate(tiny_peft_model, PROMPTS, greedy, **kwargs)
     with tiny_peft_model.disable_adapter():
         without = generate(tiny_peft_model, PROMPTS, greedy, **kwargs)
@@ -60,8 +60,8 @@ def test_rows_end_at_an_end_token_or_max_tokens(tiny_peft_model):
     # half the vocabulary counts as an end token, so rows stop after a step or two, at different steps
     ends = set(range(0, tiny_peft_model.config.vocab_size, 2))
     params = [SamplingParams(temperature=1.0, max_tokens=1 + i % 6) for i in range(24)]
-    generations = generate(tiny_peft_model, [(1, 17 + i) for i in range(24)], params, eos_token_ids=ends,
-                           generator=torch.Generator().manual_seed(3))
+    generations = generate(tiny_peft_model, [(1, 17 + i) for i in range(24)], params,
+                           eos_token_ids=ends, generator=torch.Generator().manual_seed(3))
     for generation in generations:
         *body, last = generation.response_ids
         assert not ends & set(body) and len(generation.behaviour_logprobs) == len(generation.response_ids)
@@ -96,26 +96,32 @@ def test_rollout_params_take_the_recorded_sampling_unless_configured():
     assert rollout_params(greedy, RolloutConfig(), 0.9) == SamplingParams(0.9, 1.0, 16)  # PPO must explore
 
 
-def test_fresh_samples_are_scored_policy_rollouts_that_ppo_updates_on(tiny_model_dir):
+def test_fresh_samples_are_k_scored_policy_rollouts_per_prompt_that_ppo_updates_on(tiny_model_dir):
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    policy = PolicyValueModel.create(base, PPOConfig(num_minibatches=2), base_model_id="tiny")
-    policy.model.eval()  # as PolicyValueModel.load leaves it: sequence_logprobs' adapter_names needs eval mode
+    policy = Policy.create(base, PPOConfig(num_minibatches=2), base_model_id="tiny")
+    policy.model.eval()  # as Policy.load leaves it: sequence_logprobs' adapter_names needs eval mode
     reward_model = RewardModel.create(policy.model, base_model_id="tiny", pad_token_id=PAD)
+    reward_model.normalizer = (0.3, 2.0)
+    prompts = [*PROMPTS, (1, 44)]
     recorded = [*PARAMS, SamplingParams(temperature=0.5, max_tokens=64)]
-    config = RolloutConfig(max_tokens=10, batch_size=3)  # two decode batches
-    samples = fresh_samples(policy, reward_model, [*PROMPTS, (1, 44)], recorded, config, eos_token_ids=EOS)
+    config = RolloutConfig(max_tokens=10, batch_size=4, samples_per_prompt=2, prompts_per_update=3)
+    samples = fresh_samples(policy, reward_model, prompts, recorded, config, eos_token_ids=EOS)
 
-    assert [s.temperature for s in samples] == [0.7, 1.0, 1.3, 1.0, 0.5]  # the greedy prompt explores at T=1
-    assert [len(s.response_ids) for s in samples] == [10, 5, 10, 8, 10]
-    assert {s.version for s in samples} == {policy.version}
-    scores = reward_model.score([s.prompt_ids for s in samples], [s.response_ids for s in samples])
-    assert [s.score for s in samples] == scores.tolist()
-    for sample, params in zip(samples, recorded, strict=True):
+    assert len(samples) == 6  # 3 of the 4 prompts, 2 responses each, in two decode batches
+    groups = [s.group for s in samples]
+    assert groups[::2] == groups[1::2] and len(set(groups)) == 3
+    for sample in samples:  # each group: responses to its own prompt, at that prompt's recorded temperature
+        assert tuple(sample.prompt_ids) == tuple(prompts[sample.group])
+        assert sample.temperature == rollout_params(recorded[sample.group], config, 1.0).temperature
+    assert any(samples[i].response_ids != samples[i + 1].response_ids for i in (0, 2, 4))  # k draws, not k copies
+    raw = reward_model.score([s.prompt_ids for s in samples], [s.response_ids for s in samples])
+    torch.testing.assert_close(torch.tensor([s.score for s in samples]), (raw - 0.3) / 2.0)  # the normalised reward
+    for sample in samples:
         generation = Generation(tuple(sample.prompt_ids), tuple(sample.response_ids), sample.behaviour_logprobs,
-                                rollout_params(params, config, 1.0), "length")
+                                rollout_params(recorded[sample.group], config, 1.0), "length")
         torch.testing.assert_close(torch.tensor(sample.behaviour_logprobs),
                                    recomputed_logprobs(policy.model, generation), rtol=1e-5, atol=1e-5)
     assert policy.model.active_adapter == POLICY_ADAPTER
     metrics = ppo_update(policy, samples)
-    assert metrics["applied"] == 1.0 and metrics["dropped_stale"] == 0.0
+    assert metrics["applied"] == 1.0
     assert metrics["is_weight_mean"] == pytest.approx(1.0, abs=1e-4)  # on-policy, full distribution: μ = π
