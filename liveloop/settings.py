@@ -41,7 +41,10 @@ class Settings(BaseSettings):
         "float32", description="Weights and compute dtype for serving; recorded with every completion."
     )
     device: str = Field("auto", description="'auto' picks cuda when present, else cpu.")
-    torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
+    torch_threads: int = Field(
+        0, ge=0, description="torch intra-op threads; 0 keeps torch's default, except under `liveloop up`, where the "
+        "trainer gets half the cores and the API the rest (a number here applies to each of them).",
+    )
 
     # --- API -----------------------------------------------------------------------------------------
     host: str = "127.0.0.1"
