@@ -50,6 +50,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from statistics import NormalDist
@@ -281,21 +282,42 @@ class Gates:
         details = {"mode": s.reward_source, "evidence": "held-out thumbs", "samples": len(rated),
                    "confidence": s.gate_reward_confidence, "min_ess": min_ess,
                    **self._reward_model_delta(candidate, base)}
-        estimate = None
-        if len(rated) >= min_ess:  # the ESS never exceeds the sample count: skip the forwards when it cannot reach
-            behaviour = torch.tensor([sum(x.behaviour_logprobs) for x in rated], dtype=torch.float64)
-            thumbs = torch.tensor([float(x.thumbs_up) for x in rated], dtype=torch.float64)
-            ours = self._sequence_logprobs(CANDIDATE, rated) - behaviour
-            theirs = self._live_sequence_logprobs(live, rated) - behaviour
-            estimate = rate_difference(ours, theirs, thumbs, s.gate_reward_confidence)
+        behaviour = torch.tensor([sum(x.behaviour_logprobs) for x in rated], dtype=torch.float64)  # (N,)
+        thumbs = torch.tensor([float(x.thumbs_up) for x in rated], dtype=torch.float64)  # (N,)
+        self._keep_live_logprobs(live[1], rated)
+        theirs = self._log_ratios(partial(self._live_sequence_logprobs, live[0]), rated, behaviour)
+        ours = None if theirs is None else self._log_ratios(partial(self._sequence_logprobs, CANDIDATE), rated,
+                                                            behaviour)
+        estimate = None if ours is None else rate_difference(ours, theirs, thumbs, s.gate_reward_confidence)
         if estimate is None or estimate.ess < min_ess:
-            ess = estimate.ess if estimate is not None else 0.0
+            ess = None if ours is None else estimate.ess if estimate is not None else 0.0
             return GateResult("reward", None, -epsilon, True, {
                 **details, "ess": ess, "ci_low": None, "ci_high": None,
-                "skipped": f"insufficient evidence: effective sample size {ess:.1f} < {min_ess:g}"})
+                "skipped": f"insufficient evidence: effective sample size {'' if ess is None else f'{ess:.1f} '}"
+                           f"< {min_ess:g}"})
         return _gate("reward", estimate.difference, -epsilon, estimate.ci_high >= -epsilon, **details,
                      candidate=estimate.candidate, live=estimate.live, ess=estimate.ess, ci_low=estimate.ci_low,
                      ci_high=estimate.ci_high)
+
+    def _log_ratios(self, logprobs: Callable[[list[LoggedSample]], torch.Tensor], rated: list[LoggedSample],
+                    behaviour: torch.Tensor) -> torch.Tensor | None:
+        """log π(y|x) − log b(y|x) (N,), a forward's worth of samples at a time, shortest first; None as soon as
+        the effective sample size cannot reach ``gate_reward_min_ess`` (each further sample adds at most 1 to it:
+        max over the remaining weights of (S + x)² / (Q + x²/m) is S²/Q + m), which saves most of the forwards when
+        the weights are degenerate, as they are once a candidate has moved over long responses."""
+        min_ess = self.settings.gate_reward_min_ess
+        lengths = [len(x.prompt_ids) + len(x.response_ids) for x in rated]
+        order = sorted(range(len(rated)), key=lengths.__getitem__)
+        if len(rated) < min_ess:
+            return None
+        log_ratio, done = torch.zeros(len(rated), dtype=torch.float64), []
+        for rows in _token_batches(order, [lengths[i] for i in order], _FORWARD_TOKENS):
+            log_ratio[rows] = logprobs([rated[i] for i in rows]) - behaviour[rows]
+            done += rows
+            remaining = len(rated) - len(done)
+            if remaining and effective_sample_size(truncated_weights(log_ratio[done])) + remaining < min_ess:
+                return None
+        return log_ratio
 
     def _reward_model_delta(self, candidate: list[Generation], base: list[Generation]) -> dict:
         if self.scorer is None:
@@ -375,17 +397,20 @@ class Gates:
             nll, count = nll - float(logp.sum()), count + logp.numel()
         return math.exp(nll / count)
 
-    def _live_sequence_logprobs(self, live: tuple[str | None, str], samples: list[LoggedSample]) -> torch.Tensor:
-        """``_sequence_logprobs`` of the live version, computed only for samples new to the rated sample (the
-        live version changes only at a promotion or rollback)."""
-        adapter, key = live
+    def _keep_live_logprobs(self, key: str, rated: list[LoggedSample]) -> None:
+        """Keep the live version's log-probs of the current rated sample, all of them if the live version changed
+        (it changes only at a promotion or rollback)."""
         if key != self._live_key:
             self._live_key, self._live_logprobs = key, {}
+        ids = {x.completion_id for x in rated}
+        self._live_logprobs = {cid: v for cid, v in self._live_logprobs.items() if cid in ids}
+
+    def _live_sequence_logprobs(self, adapter: str | None, samples: list[LoggedSample]) -> torch.Tensor:
+        """``_sequence_logprobs`` of the live version, computed only for samples it has not seen yet."""
         missing = [x for x in samples if x.completion_id not in self._live_logprobs]
         if missing:
             recomputed = self._sequence_logprobs(adapter, missing).tolist()
             self._live_logprobs.update(zip((x.completion_id for x in missing), recomputed, strict=True))
-        self._live_logprobs = {x.completion_id: self._live_logprobs[x.completion_id] for x in samples}
         return torch.tensor([self._live_logprobs[x.completion_id] for x in samples], dtype=torch.float64)
 
     def _sequence_logprobs(self, adapter: str | None, samples: list[LoggedSample]) -> torch.Tensor:

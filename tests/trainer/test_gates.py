@@ -359,3 +359,19 @@ def test_heldout_sample_is_fixed_by_the_split_hash_and_bounded_in_tokens(registr
     assert kept == bottom[:len(kept)] and len(kept) >= 5
     # each sample is 1 prompt + 2 response tokens: a budget of 16 holds five, and stops at the sixth
     assert len(load_heldout(sessions, fraction=0.5, prompts=3, rated=10, rated_tokens=16).rated) == 5
+
+
+def test_reward_gate_stops_recomputing_once_the_effective_sample_size_cannot_reach_the_minimum(
+        make_gates, tiny_peft_model, tokenizer, make_adapter_dir, monkeypatch):
+    """One weight of W_MAX among many near zero: after the first forward, the remaining samples (each adding at
+    most 1) cannot lift the ESS to the minimum, so neither version's log-probs are computed further."""
+    monkeypatch.setattr("trainer.gates._FORWARD_TOKENS", 64)  # a few samples per forward
+    rated = logged(tiny_peft_model, tokenizer, None, [(1, 2, 3, 4 + i) for i in range(40)], True, seed=5)
+    rated = [replace(x, behaviour_logprobs=(-1000.0 if i == 0 else 0.0,) * len(x.response_ids))
+             for i, x in enumerate(rated)]
+    gates, recomputed = make_gates(gate_reward_min_ess=30), []
+    sequence_logprobs = gates._sequence_logprobs
+    gates._sequence_logprobs = lambda adapter, samples: recomputed.append(len(samples)) or \
+        sequence_logprobs(adapter, samples)
+    gate = by_name(gates.evaluate(make_adapter_dir("fresh"), live=None, heldout=HeldOut(prompts=[], rated=rated)))
+    assert gate["reward"].passed and gate["reward"].details["ess"] is None and sum(recomputed) < 20
