@@ -3,6 +3,7 @@ import json
 from feedback.broker import free_port
 from feedback.consumer import FeedbackConsumer, latest_ratings
 from feedback.kafka import Publisher
+from feedback.ledger import Ledger
 from tests.feedback.helpers import drain
 
 
@@ -113,3 +114,21 @@ def test_a_dead_letter_kafka_did_not_take_is_retried_not_skipped(kafka_settings,
         resumed = drain(fixed, 2)
     assert [e.event_id for batch in resumed for e in batch.events] == [after.event_id]
     assert sum(batch.dead_lettered for batch in resumed) == 1
+
+
+def test_a_consumer_with_a_ledger_starts_at_the_offsets_stored_in_the_database_not_kafkas(
+        kafka_settings, make_event, publish, sessions):
+    settings = kafka_settings()
+    events = [make_event(completion_id=f"c{n}") for n in range(6)]
+    publish(settings, events)
+    with FeedbackConsumer(settings) as consumer:  # Kafka's committed offsets cover every message ...
+        consumer.commit(*drain(consumer, 6))
+    ledger = Ledger(sessions, settings.feedback_consumer_group)
+    with FeedbackConsumer(settings, ledger=ledger) as consumer:  # ... the database, none: all come again
+        batches = drain(consumer, 6)
+        ledger.save(offsets=consumer.offsets_of(*batches), consumed=[])
+    assert sorted(e.event_id for batch in batches for e in batch.events) == sorted(e.event_id for e in events)
+    later = make_event(completion_id="c-later")
+    publish(settings, [later])
+    with FeedbackConsumer(settings, ledger=ledger) as consumer:  # now from the stored offsets on
+        assert [e.event_id for batch in drain(consumer, 1) for e in batch.events] == [later.event_id]

@@ -48,7 +48,7 @@ def _backfill_from_lineage() -> None:
     bind = op.get_bind()
     versions = bind.execute(sa.text(
         "SELECT name, consumed_event_ids, created_at FROM adapter_versions WHERE kind = 'policy' "
-        "AND NOT (state = 'rejected' AND gate_report IS NULL)")).all()
+        "AND NOT (state = 'rejected' AND (gate_report IS NULL OR CAST(gate_report AS TEXT) = 'null'))")).all()
     rows, seen = [], set()
     for name, event_ids, created_at in versions:
         event_ids = json.loads(event_ids) if isinstance(event_ids, str) else event_ids
