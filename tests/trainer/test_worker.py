@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 import torch
+from peft import get_peft_model_state_dict
 from sqlalchemy import select
 
 from feedback.consumer import FeedbackConsumer
@@ -18,6 +19,7 @@ from feedback.events import FeedbackEvent
 from feedback.kafka import Message, Publisher, ensure_topics
 from feedback.ledger import Ledger
 from feedback.relay import Relay
+from liveloop.adapter_artifacts import read_adapter
 from liveloop.artifacts import LocalArtifactStore
 from liveloop.db import make_engine, make_sessionmaker, migrate
 from liveloop.engine.offline import generate
@@ -27,6 +29,7 @@ from liveloop.sampling import SamplingParams
 from liveloop.tables import Completion, ConsumedFeedback, OutboxMessage, utcnow
 from tests.feedback.helpers import rate_each, wait_until
 from trainer.heldout import GATES_SPLIT, is_heldout
+from trainer.policy import POLICY_ADAPTER
 from trainer.worker import Trainer
 
 PROMPTS = ["Name a colour.", "Say hello.", "Count to three.", "Name an animal.", "Tell me a fruit.", "Say bye.",
@@ -211,6 +214,10 @@ def test_after_a_rejection_or_a_rollback_training_continues_from_what_serves(tra
     rejected = trainer.train(trainer.gather())
     assert registry.get(rejected.name).parent == live.name
     registry.judge(rejected.name, report={}, failed=["kl"])
+    trainer._follow_serving()  # what the next update does first: the live version's weights, loaded in place
+    stored = read_adapter(registry.artifact(live.name)).tensors
+    loaded = get_peft_model_state_dict(trainer.policy.model, adapter_name=POLICY_ADAPTER)
+    assert stored.keys() == loaded.keys() and all(torch.equal(stored[k], loaded[k]) for k in stored)
 
     _served_ratings(settings, 8)
     after_rejection = trainer.train(trainer.gather())
