@@ -55,13 +55,13 @@ def up() -> None:
     settings = _settings()
     migrate(settings.resolved_database_url)  # once, before two processes would race to do it
     prepare_base_model(settings)
-    # Ctrl-C signals the terminal's whole process group; the trainer and the broker run in sessions of their own,
-    # so that they stop in order: the trainer first (told as the API begins its shutdown), the broker last
     # two busy processes on one machine: each gets its own share of the cores (torch's default, every core for
     # each, oversubscribes them; the trainer then ran at an eighth of its speed alone)
     cores = os.cpu_count() or 1
     train_threads = settings.torch_threads or max(1, cores // 2)
     settings = settings.model_copy(update={"torch_threads": settings.torch_threads or max(1, cores - train_threads)})
+    # Ctrl-C signals the terminal's whole process group; the trainer and the broker run in sessions of their own,
+    # so that they stop in order: the trainer first (told as the API begins its shutdown), the broker last
     with resolved_kafka(settings) as settings:
         ensure_topics(settings)
         env = {**os.environ, "LIVELOOP_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
