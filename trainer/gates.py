@@ -15,7 +15,9 @@ reference perplexity, and the live version's log-probs of the rated sample.
    - Evidence: the effective sample size ``ess`` (Kish, (Σw)²/Σw², the smaller of the candidate's and the live
      version's) must reach ``gate_reward_min_ess``. Below it the gate passes, marked "skipped: insufficient
      evidence", with null ``ci_low``/``ci_high``: the canary's thumbs then decide. Failing instead would stall
-     the loop until enough held-out thumbs arrive; a verdict on a handful of samples would be noise.
+     the loop until enough held-out thumbs arrive; a verdict on a handful of samples would be noise. Log-probs
+     are recomputed shortest samples first and stop once the ESS can no longer reach the minimum (``ess`` is
+     then null): sequence-level weights degenerate once a candidate has moved over long responses.
    - Rule: the gate fails when ``ci_high < −gate_reward_epsilon``, i.e. the held-out thumbs show the candidate
      worse than live by more than ε. Whether they show it better is the promotion's question: it reads
      ``ci_low``, ``ci_high`` and ``ess`` from this result's details.
@@ -290,11 +292,10 @@ class Gates:
                                                             behaviour)
         estimate = None if ours is None else rate_difference(ours, theirs, thumbs, s.gate_reward_confidence)
         if estimate is None or estimate.ess < min_ess:
-            ess = None if ours is None else estimate.ess if estimate is not None else 0.0
+            ess = estimate.ess if estimate is not None else None if ours is None else 0.0  # None: stopped early
             return GateResult("reward", None, -epsilon, True, {
                 **details, "ess": ess, "ci_low": None, "ci_high": None,
-                "skipped": f"insufficient evidence: effective sample size {'' if ess is None else f'{ess:.1f} '}"
-                           f"< {min_ess:g}"})
+                "skipped": f"insufficient evidence: effective sample size below {min_ess:g}"})
         return _gate("reward", estimate.difference, -epsilon, estimate.ci_high >= -epsilon, **details,
                      candidate=estimate.candidate, live=estimate.live, ess=estimate.ess, ci_low=estimate.ci_low,
                      ci_high=estimate.ci_high)
