@@ -2,8 +2,8 @@
 
 Policy (``promotion_policy``):
 - ``auto``: a version that passes the gates starts a canary, or is promoted at once when ``canary_fraction`` is
-  0. While a canary runs, later approved versions wait; when it ends, the newest one newer than the live
-  version goes next.
+  0. A canary waits until the version's lineage has trained on ``canary_min_trained_ratings``. While a canary
+  runs, later approved versions wait; when it ends, the newest one newer than the live version goes next.
 - ``manual``: approved versions wait for an engineer (``liveloop adapters promote V``).
 
 Canary: users for whom ``in_canary(user, canary, fraction)`` holds are served the canary, everyone else the live
@@ -171,6 +171,11 @@ class Promoter:
     def _advance(self, name: str) -> None:
         fraction = self.settings.canary_fraction
         if fraction > 0:
+            trained = sum(len(v.consumed_event_ids) for v in self.registry.ancestry(name))
+            if trained < self.settings.canary_min_trained_ratings:
+                log.info("%s stays approved for now: its lineage trained on %d ratings, a canary needs %d", name,
+                         trained, self.settings.canary_min_trained_ratings)
+                return
             try:
                 self.registry.start_canary(name, actor=POLICY_ACTOR, reason="gates passed",
                                            details={"fraction": fraction})

@@ -196,6 +196,10 @@ class Settings(BaseSettings):
     canary_min_ratings: int = Field(
         20, ge=1, description="Ratings each side needs before the first look (the test estimates the variance)."
     )
+    canary_min_trained_ratings: int = Field(
+        128, ge=0, description="Ratings a version's lineage must have trained on before it may start a canary: a "
+        "canary holds its slot for hundreds of ratings, and one trained on a first handful is rarely worth them.",
+    )
     canary_max_ratings: int = Field(
         1600, ge=2,
         description="Ratings of both sides together after which a canary still undecided is rejected (no evidence).",

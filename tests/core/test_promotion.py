@@ -18,12 +18,15 @@ from liveloop.promotion import (
     simulate_canaries,
     simulate_rollbacks,
 )
-from liveloop.registry import State
+from liveloop.registry import Lineage, State
 from liveloop.tables import utcnow
 
 
-def approve(registry, make_adapter_dir, name: str, seed: int = 0) -> None:
-    registry.register(name, make_adapter_dir(name, seed=seed))
+def approve(registry, make_adapter_dir, name: str, seed: int = 0, trained: int = 200, parent: str | None = None
+            ) -> None:
+    """Register ``name`` as trained on ``trained`` ratings (after ``parent``'s) and pass it through the gates."""
+    lineage = Lineage(parent=parent, event_ids=tuple(f"{name}-event-{i}" for i in range(trained)))
+    registry.register(name, make_adapter_dir(name, seed=seed), lineage=lineage)
     registry.judge(name, report={}, failed=[])
 
 
@@ -112,6 +115,16 @@ def test_auto_policy_starts_a_canary_or_promotes_when_canary_is_off(registry, ma
     approve(registry, make_adapter_dir, "c", seed=2)
     promoter(canary_fraction=0.0).after_gates("c")
     assert registry.routing().live == "c"
+
+
+def test_a_canary_waits_until_the_lineage_has_trained_on_enough_ratings(registry, make_adapter_dir, promoter):
+    needed = promoter().settings.canary_min_trained_ratings
+    approve(registry, make_adapter_dir, "young", trained=needed // 2)
+    promoter().after_gates("young")
+    assert registry.get("young").state == "approved"  # a first handful of ratings: not worth a canary
+    approve(registry, make_adapter_dir, "older", seed=1, trained=needed - needed // 2, parent="young")
+    promoter().after_gates("older")  # its lineage counts its parent's ratings too
+    assert registry.get("older").state == "canary"
 
 
 def test_manual_policy_leaves_approved_versions_to_an_engineer(registry, make_adapter_dir, promoter):
