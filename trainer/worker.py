@@ -58,7 +58,7 @@ from trainer.config import PPOConfig
 from trainer.gates import Gates, judge_candidate
 from trainer.heldout import GATES_SPLIT, is_heldout
 from trainer.policy import POLICY_ADAPTER, Policy
-from trainer.ppo import AdaptiveKLController
+from trainer.ppo import AdaptiveKLController, RunningMoments
 from trainer.reward_model import RatedResponse, RewardModel, RewardModelConfig
 from trainer.rollout import RolloutConfig, fresh_samples
 from trainer.update import Sample, ppo_update
@@ -257,9 +257,10 @@ class Trainer:
             self.version_name = start
 
     def _restore(self, name: str | None) -> None:
-        """Load version ``name``'s adapter weights, version and β into the policy in place (the gates and the
-        reward model share its peft model); None: a fresh adapter, the base model's function. Adam's moments
-        start afresh, as after a restart."""
+        """Load version ``name``'s adapter weights, version, β and score moments into the policy in place (the
+        gates and the reward model share its peft model); None: a fresh adapter, the base model's function (the
+        moments, which describe the ratings rather than the weights, stay). Adam's moments start afresh, as after
+        a restart."""
         policy = self.policy
         if name is None:
             for module in policy.model.modules():
@@ -272,6 +273,8 @@ class Trainer:
             set_peft_model_state_dict(policy.model, weights.tensors, adapter_name=POLICY_ADAPTER)
             ppo = weights.manifest["metadata"]["ppo"]
             version, kl_coef = ppo["version"], ppo["kl_coef"]
+            if "moments" in ppo:
+                policy.moments = RunningMoments(policy.config.baseline_window, **ppo["moments"])
         policy.version = version
         policy.kl_ctl = AdaptiveKLController.from_config(policy.config, kl_coef)
         policy.optimizer.state.clear()

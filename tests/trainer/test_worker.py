@@ -61,11 +61,12 @@ def _generations(settings, count: int, seed: int = 0):
                     eos_token_ids=base.eos_token_ids, generator=torch.Generator().manual_seed(seed))
 
 
-def _served_ratings(settings, count: int) -> list[FeedbackEvent]:
-    """Completions sampled from the base model as serving would, rated up when the response is short."""
+def _served_ratings(settings, count: int, *, alternate: bool = False) -> list[FeedbackEvent]:
+    """Completions sampled from the base model as serving would, rated up when the response is short (or every
+    other one up, with ``alternate``)."""
     events = []
-    for g in _generations(settings, count):
-        up = len(g.response_ids) < 6
+    for i, g in enumerate(_generations(settings, count)):
+        up = i % 2 == 0 if alternate else len(g.response_ids) < 6
         events.append(FeedbackEvent(
             event_id=uuid.uuid4().hex, feedback_id=uuid.uuid4().hex, completion_id=f"chatcmpl-{uuid.uuid4().hex}",
             revision=1, rating="up" if up else "down", reward=1.0 if up else -1.0, supersedes=None,
@@ -244,24 +245,32 @@ def test_after_a_rejection_or_a_rollback_training_continues_from_what_serves(tra
     assert restarted.version_name == (after_rollback.name if approved else None)
 
 
-def test_reward_model_mode_trains_the_reward_model_and_updates_on_fresh_rollouts(trainer_settings):
+def test_reward_model_mode_trains_the_reward_model_and_updates_on_fresh_rollouts_once_it_is_usable(
+        trainer_settings):
     settings = trainer_settings(reward_source="reward_model", rollout={"max_tokens": 6})
     _served_ratings(settings, 8)
     trainer, registry = _trainer(settings)
-    candidate = trainer.consume(trainer.gather())
+    assert trainer.consume(trainer.gather()) is None  # 8 thumbs: a reward model far from usable drives nothing
     trainer.consumer.close()
     reward_versions = registry.versions(kind=Kind.REWARD)
-    assert candidate is not None and len(reward_versions) == 1
-    assert registry.get(candidate.name).reward_source == f"reward_model:{reward_versions[0].name}"
-    assert candidate.metrics["samples"] == 8 and candidate.metrics["applied"] == 1.0
+    assert len(reward_versions) == 1 and registry.versions(kind=Kind.POLICY) == []
+    assert reward_versions[0].training_metrics["usable"] is False
 
-    retuned = settings.model_copy(update={"reward_model": {"lr": 3e-4, "epochs_per_increment": 3}})
-    restarted, _ = _trainer(retuned)  # resumes the saved reward model, trained on with the configured settings
-    restarted.consumer.close()
+    # the same wiring once the reward model counts as usable (here: any model with both thumbs held out)
+    retuned = settings.model_copy(update={"reward_model": {"lr": 3e-4, "epochs_per_increment": 3, "usable_z": -100.0,
+                                                           "usable_min_per_thumb": 0, "heldout_fraction": 0.5}})
+    events = _served_ratings(retuned, 8, alternate=True)
+    restarted, registry = _trainer(retuned)  # resumes the saved reward model, trained on with the configured settings
     assert restarted.reward_model_name == reward_versions[0].name
-    assert restarted.reward_model.increments == 1
     assert (restarted.reward_model.config.lr, restarted.reward_model.config.epochs_per_increment) == (3e-4, 3)
     assert restarted.reward_model.optimizer.param_groups[0]["lr"] == 3e-4
+    candidate = restarted.consume(restarted.gather())
+    restarted.consumer.close()
+    reward_versions = registry.versions(kind=Kind.REWARD)
+    assert candidate is not None and len(reward_versions) == 2 and restarted.reward_model.increments == 2
+    assert registry.get(candidate.name).reward_source == f"reward_model:{reward_versions[0].name}"
+    prompts = len({tuple(e.prompt_token_ids) for e in events})
+    assert candidate.metrics["samples"] == 4 * prompts and candidate.metrics["applied"] == 1.0  # k = 4 per prompt
 
 
 def _env(settings, **extra) -> dict[str, str]:
