@@ -64,7 +64,7 @@ def _plot_promotions(ax, served, record: dict) -> None:
 
 def _plot_evals(ax, record: dict) -> None:
     styles = {"base": ("tab:gray", "s"), "live": ("tab:green", "D"), "canary": ("tab:orange", "^"),
-              "candidate": ("tab:purple", "v")}
+              "newest": ("tab:blue", "o"), "candidate": ("tab:purple", "v")}
     for role, (color, marker) in styles.items():
         points = sorted((e for e in record["evals"] if e["role"] == role), key=lambda e: e["at_rating"])
         if not points:

@@ -214,6 +214,9 @@ class Simulation:
         await self._evaluate(self.routing.live or self.base_model, "live", at, final=True)
         if self.routing.canary:
             await self._evaluate(self.routing.canary, "canary", at, final=True)
+        newest = await newest_version(self.client)  # what the trainer has made of the ratings, promoted or not
+        if newest not in (None, self.routing.live, self.routing.canary):
+            await self._evaluate(newest, "newest", at, final=True)
         for name in self.config.candidates:
             await self._evaluate(name, "candidate", at, final=True)
         try:
@@ -241,6 +244,12 @@ class Simulation:
             from liveloop.simulate.plot import plot_run
 
             plot_run(record, self.png_path)
+
+
+async def newest_version(client: LiveloopClient) -> str | None:
+    """The most recently created adapter version serving has loaded (it loads the newest approved one ahead)."""
+    cards = [card for card in await client.models() if card.get("version") is not None]
+    return max(cards, key=lambda card: card["created"])["id"] if cards else None
 
 
 async def base_model_id(client: LiveloopClient) -> str:
