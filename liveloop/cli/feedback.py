@@ -69,6 +69,12 @@ def broker(port: int = typer.Option(9092, help="Loopback port to listen on.")) -
 
     settings = _settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+
+    def stop(signum, frame) -> None:  # set explicitly: under nohup or a background job SIGINT arrives ignored
+        raise KeyboardInterrupt
+
+    for signum in (signal.SIGINT, signal.SIGTERM):  # SIGTERM too, or Tansu would outlive us
+        signal.signal(signum, stop)
     with EmbeddedBroker(port=port, log_path=settings.data_dir / "tansu.log") as running:
         ensure_topics(settings.model_copy(update={"kafka_bootstrap": running.bootstrap}))
         typer.echo(f"Kafka-compatible broker ready: export LIVELOOP_KAFKA_BOOTSTRAP={running.bootstrap}")

@@ -32,5 +32,8 @@ def test_checkpoint_check_refuses_another_adapter_shape_and_logs_retuning(caplog
     with caplog.at_level(logging.INFO, logger="trainer.config"):
         PPOConfig(learning_rate=1e-4).check_resumable(saved)
     assert "learning_rate" in caplog.text
-    with pytest.raises(ValueError, match="unknown PPOConfig fields"):
-        PPOConfig().check_resumable({**saved, "surprise": 1})
+    with caplog.at_level(logging.INFO, logger="trainer.config"):  # an older recipe's knob: logged, not refused
+        PPOConfig().check_resumable({**saved, "vf_coef": 0.1})
+    assert "no longer in PPOConfig: ['vf_coef']" in caplog.text
+    with pytest.raises(ValueError, match="unknown PPOConfig fields"):  # a misspelt override is refused
+        PPOConfig.from_dict({"learning_rat": 1e-4})

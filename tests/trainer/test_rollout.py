@@ -49,7 +49,7 @@ def test_recorded_logprobs_equal_a_full_forward_recomputation(tiny_peft_model):
 
 def test_rollouts_use_the_active_policy_adapter(tiny_peft_model):
     greedy = [SamplingParams(temperature=0.0, max_tokens=6)] * len(PROMPTS)
-    kwargs = {"pad_token_id": PAD, "eos_token_ids": EOS, "generator": torch.Generator()}
+    kwargs = {"eos_token_ids": EOS, "generator": torch.Generator()}
     with_policy = generate(tiny_peft_model, PROMPTS, greedy, **kwargs)
     with tiny_peft_model.disable_adapter():
         without = generate(tiny_peft_model, PROMPTS, greedy, **kwargs)

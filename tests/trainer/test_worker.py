@@ -256,9 +256,10 @@ def test_reward_model_mode_trains_the_reward_model_and_updates_on_fresh_rollouts
     assert len(reward_versions) == 1 and registry.versions(kind=Kind.POLICY) == []
     assert reward_versions[0].training_metrics["usable"] is False
 
-    # the same wiring once the reward model counts as usable (here: any model with both thumbs held out)
+    # the same wiring once the reward model counts as usable (here: any model, with (almost) every thumb held out
+    # so that both are there to measure)
     retuned = settings.model_copy(update={"reward_model": {"lr": 3e-4, "epochs_per_increment": 3, "usable_z": -100.0,
-                                                           "usable_min_per_thumb": 0, "heldout_fraction": 0.5}})
+                                                           "usable_min_per_thumb": 0, "heldout_fraction": 0.999}})
     events = _served_ratings(retuned, 8, alternate=True)
     restarted, registry = _trainer(retuned)  # resumes the saved reward model, trained on with the configured settings
     assert restarted.reward_model_name == reward_versions[0].name
