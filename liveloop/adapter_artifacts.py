@@ -2,10 +2,11 @@
 
 A directory holds peft's ``adapter_model.safetensors`` and ``adapter_config.json`` plus ``liveloop.json``: the
 sha256 of the weights file, the base-model id it was trained on, and free metadata (training config, metrics,
-lineage). A model part outside peft (e.g. a reward model's scalar head) goes beside it as ``extra_tensors``, with
-its own sha256 in the manifest. ``verify_adapter`` refuses a directory whose weights are missing, corrupt, or made
-for another base; ``read_adapter`` does the same checks and returns the weights parsed from the very bytes it
-hashed, so a file replaced between the check and the load cannot slip through.
+lineage). A version that is not a peft adapter (a reward model: a head on the base model's features) is the same
+directory without ``adapter_config.json``, its tensors in the weights file (``save_weights``). ``verify_adapter``
+refuses a directory whose weights are missing, corrupt, or made for another base; ``read_adapter`` does the same
+checks and returns the weights parsed from the very bytes it hashed, so a file replaced between the check and the
+load cannot slip through.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from safetensors.torch import load, save_file
 MANIFEST = "liveloop.json"
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
-EXTRA_TENSORS = "extra_tensors.safetensors"
 # The seven projections of a Llama-style block: attention and MLP, as in the LoRA paper's best setting.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -53,14 +53,12 @@ def sha256_file(path: Path) -> str:
 
 
 def save_adapter(model: PeftModel, adapter_name: str, dest: Path, *, base_model_id: str,
-                 metadata: dict | None = None, extra_tensors: dict[str, torch.Tensor] | None = None) -> str:
+                 metadata: dict | None = None) -> str:
     """Write one adapter of ``model`` to ``dest`` atomically; return the weights' sha256.
 
     ``dest`` must not exist: version names are immutable, so an existing directory is never overwritten.
     """
-    if dest.exists():
-        raise AdapterArtifactError(f"{dest} exists; adapter versions are never overwritten")
-    with atomic_directory(dest) as tmp:
+    with _version_directory(dest) as tmp:
         model.save_pretrained(tmp, selected_adapters=[adapter_name])
         # peft writes a non-default adapter into a sub-directory named after it
         written = tmp / adapter_name if (tmp / adapter_name / WEIGHTS).is_file() else tmp
@@ -68,12 +66,41 @@ def save_adapter(model: PeftModel, adapter_name: str, dest: Path, *, base_model_
             for item in written.iterdir():
                 item.rename(tmp / item.name)
             written.rmdir()
-        sha = sha256_file(tmp / WEIGHTS)
-        manifest = {"sha256": sha, "base_model_id": base_model_id, "metadata": metadata or {}}
-        if extra_tensors:
-            save_file({k: v.contiguous() for k, v in extra_tensors.items()}, tmp / EXTRA_TENSORS)
-            manifest["extra_sha256"] = sha256_file(tmp / EXTRA_TENSORS)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        return _write_manifest(tmp, base_model_id=base_model_id, metadata=metadata)
+
+
+def save_weights(tensors: dict[str, torch.Tensor], dest: Path, *, base_model_id: str,
+                 metadata: dict | None = None) -> str:
+    """Write a version that is not a peft adapter (named tensors) to ``dest`` atomically; return its sha256."""
+    with _version_directory(dest) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / WEIGHTS)
+        return _write_manifest(tmp, base_model_id=base_model_id, metadata=metadata)
+
+
+def load_weights(path: Path, *, base_model_id: str | None = None, sha256: str | None = None
+                 ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``verify_adapter``, then the manifest and the tensors parsed from the bytes that were hashed."""
+    manifest = _read_manifest(path)
+    data = (path / WEIGHTS).read_bytes()
+    _check(path, manifest, hashlib.sha256(data).hexdigest(), base_model_id=base_model_id, sha256=sha256)
+    try:
+        return manifest, load(data)
+    except SafetensorError as exc:
+        raise AdapterArtifactError(f"{path}: unreadable {WEIGHTS}: {exc}") from exc
+
+
+@contextmanager
+def _version_directory(dest: Path) -> Iterator[Path]:
+    if dest.exists():
+        raise AdapterArtifactError(f"{dest} exists; adapter versions are never overwritten")
+    with atomic_directory(dest) as tmp:
+        yield tmp
+
+
+def _write_manifest(tmp: Path, *, base_model_id: str, metadata: dict | None) -> str:
+    sha = sha256_file(tmp / WEIGHTS)
+    manifest = {"sha256": sha, "base_model_id": base_model_id, "metadata": metadata or {}}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
     return sha
 
 
@@ -98,6 +125,8 @@ def read_adapter(path: Path, *, base_model_id: str | None = None, sha256: str | 
     manifest = _read_manifest(path)
     data = (path / WEIGHTS).read_bytes()
     _check(path, manifest, hashlib.sha256(data).hexdigest(), base_model_id=base_model_id, sha256=sha256)
+    if not (path / CONFIG).is_file():
+        raise AdapterArtifactError(f"{path}: {CONFIG} is missing")
     try:
         config = PeftConfig.from_pretrained(str(path))
         tensors = load(data)
@@ -108,7 +137,7 @@ def read_adapter(path: Path, *, base_model_id: str | None = None, sha256: str | 
 
 
 def _read_manifest(path: Path) -> dict:
-    for required in (path / MANIFEST, path / WEIGHTS, path / CONFIG):
+    for required in (path / MANIFEST, path / WEIGHTS):
         if not required.is_file():
             raise AdapterArtifactError(f"{path}: {required.name} is missing")
     try:
@@ -118,15 +147,11 @@ def _read_manifest(path: Path) -> dict:
 
 
 def _check(path: Path, manifest: dict, actual: str, *, base_model_id: str | None, sha256: str | None) -> None:
-    """Refuse weights whose sha256 ``actual`` is not the manifest's or ``sha256``, a damaged extra-tensors file,
-    or a manifest naming another base model."""
+    """Refuse weights whose sha256 ``actual`` is not the manifest's or ``sha256``, or a manifest naming another
+    base model."""
     for expected in {manifest.get("sha256"), sha256} - {None}:
         if actual != expected:
             raise AdapterArtifactError(f"{path}: weights sha256 {actual[:12]}… does not match {expected[:12]}…")
-    if "extra_sha256" in manifest and (
-        not (path / EXTRA_TENSORS).is_file() or sha256_file(path / EXTRA_TENSORS) != manifest["extra_sha256"]
-    ):
-        raise AdapterArtifactError(f"{path}: {EXTRA_TENSORS} is missing or does not match its sha256")
     if base_model_id is not None and manifest.get("base_model_id") != base_model_id:
         raise AdapterArtifactError(
             f"{path}: trained on base {manifest.get('base_model_id')!r}, this process serves {base_model_id!r}"

@@ -73,7 +73,6 @@ from liveloop.settings import Settings
 from liveloop.tables import Completion, Feedback
 from trainer.config import PPOConfig
 from trainer.heldout import GATES_SPLIT, heldout_key
-from trainer.reward_model import adapter_active
 from trainer.tokens import left_pad, position_ids
 
 log = logging.getLogger(__name__)
@@ -214,6 +213,23 @@ def kl_bound(settings: Settings) -> tuple[float, float | None]:
     """The KL gate's bound and the training target it derives from (None: training has no target)."""
     target = PPOConfig.from_dict(settings.ppo).target_kl
     return (settings.gate_max_kl if target is None else settings.gate_kl_target_multiple * target), target
+
+
+@contextmanager
+def adapter_active(model: PeftModel, name: str) -> Iterator[None]:
+    """Run adapter ``name`` (frozen) inside the block; the previous adapter and every ``requires_grad`` after it.
+
+    peft has one active adapter per model, and ``set_adapter`` also flips ``requires_grad`` on every adapter's
+    weights: the policy, trained in the same model, must find its adapter active and trainable as before."""
+    previous = model.active_adapter
+    requires_grad = {param: param.requires_grad for param in model.parameters()}
+    model.set_adapter(name, inference_mode=True)
+    try:
+        yield
+    finally:
+        model.set_adapter(previous)
+        for param, flag in requires_grad.items():
+            param.requires_grad_(flag)
 
 
 def _gate(name: str, value: float | None, threshold: float | None, passed: bool, **details) -> GateResult:
@@ -469,7 +485,7 @@ class Gates:
 
     def _adapter(self, name: str | None):
         """Run under adapter ``name``, or the base model (adapters disabled) for None."""
-        return self.model.disable_adapter() if name is None else adapter_active(self.model, name, trainable=False)
+        return self.model.disable_adapter() if name is None else adapter_active(self.model, name)
 
     def _prompts(self, live_prompts: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
         """The held-out live prompts, topped up from the shipped prompts while live traffic is thin."""

@@ -19,6 +19,7 @@ from trainer.gates import (
     Gates,
     HeldOut,
     LoggedSample,
+    adapter_active,
     importance_weighted_rate,
     judge_candidate,
     kl_bound,
@@ -27,7 +28,6 @@ from trainer.gates import (
     repetition_rate,
 )
 from trainer.heldout import GATES_SPLIT, heldout_key, is_heldout
-from trainer.reward_model import adapter_active
 
 NO_DATA = HeldOut(prompts=[], rated=[])
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -136,7 +136,7 @@ def test_repetition_rate_counts_repeated_trigrams():
 def logged(model, tokenizer, adapter, prompts, thumbs_up: bool, seed: int) -> list[LoggedSample]:
     """Samples drawn at temperature 1 from ``adapter`` (None: the base), all rated ``thumbs_up``."""
     params = [SamplingParams(temperature=1.0, max_tokens=8)] * len(prompts)
-    context = model.disable_adapter() if adapter is None else adapter_active(model, adapter, trainable=False)
+    context = model.disable_adapter() if adapter is None else adapter_active(model, adapter)
     with context:
         generations = generate(model, prompts, params,
                                eos_token_ids={tokenizer.eos_token_id}, generator=torch.Generator().manual_seed(seed))

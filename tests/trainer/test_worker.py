@@ -258,13 +258,12 @@ def test_reward_model_mode_trains_the_reward_model_and_updates_on_fresh_rollouts
 
     # the same wiring once the reward model counts as usable (here: any model, with (almost) every thumb held out
     # so that both are there to measure)
-    retuned = settings.model_copy(update={"reward_model": {"lr": 3e-4, "epochs_per_increment": 3, "usable_z": -100.0,
+    retuned = settings.model_copy(update={"reward_model": {"l2_grid": [2.0], "usable_z": -100.0,
                                                            "usable_min_per_thumb": 0, "heldout_fraction": 0.999}})
     events = _served_ratings(retuned, 8, alternate=True)
     restarted, registry = _trainer(retuned)  # resumes the saved reward model, trained on with the configured settings
     assert restarted.reward_model_name == reward_versions[0].name
-    assert (restarted.reward_model.config.lr, restarted.reward_model.config.epochs_per_increment) == (3e-4, 3)
-    assert restarted.reward_model.optimizer.param_groups[0]["lr"] == 3e-4
+    assert restarted.reward_model.config.l2_grid == (2.0,) and restarted.reward_model.increments == 1
     candidate = restarted.consume(restarted.gather())
     restarted.consumer.close()
     reward_versions = registry.versions(kind=Kind.REWARD)
