@@ -45,13 +45,12 @@ def browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[webdriver.Chrome]:
         if os.environ.get("CI"):
             pytest.fail(why)
         pytest.skip(f"{why} (skipped only outside CI)")
-    monkeypatch.setenv("SE_OFFLINE", "true")
+    monkeypatch.setenv("SE_OFFLINE", "true")  # explicit paths already skip Selenium Manager; this forbids downloads
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=860,760"):
         options.add_argument(argument)
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)))
-    driver.implicitly_wait(0)
     yield driver
     driver.quit()
 
