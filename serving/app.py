@@ -20,7 +20,7 @@ from serving.chat import ChatService
 from serving.engine import Engine
 from serving.errors import DeclaredBodyLimit, install_error_handlers
 from serving.hotswap import AdapterWatcher
-from serving.routers import admin, chat, health, models
+from serving.routers import admin, chat, health, models, page
 from serving.routers import feedback as feedback_routes
 from serving.routing import AdapterSet
 from serving.store import CompletionStore
@@ -35,9 +35,10 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(DeclaredBodyLimit, max_bytes=settings.max_body_bytes)
     # routes are matched in order: the busiest endpoints first
-    for router in (feedback_routes.router, chat.router, models.router, health.router, admin.router):
+    for router in (feedback_routes.router, chat.router, models.router, health.router, admin.router, page.router):
         app.include_router(router, max_body_size=settings.max_body_bytes)
     app.mount("/metrics", make_asgi_app())
+    app.mount("/static", page.static_files())
     return app
 
 
