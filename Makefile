@@ -4,7 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test install lint bench clean
+.PHONY: run test install system-packages lint bench clean
+
+# Debian packages the tests drive for real (Prometheus and promtool); `make test` installs the missing ones as
+# root.
+SYSTEM_PACKAGES := prometheus
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -19,10 +23,20 @@ $(STAMP): pyproject.toml $(BIN)/python
 
 install: $(STAMP)
 
+system-packages:
+	@missing=$$(for package in $(SYSTEM_PACKAGES); do dpkg -s $$package >/dev/null 2>&1 || echo $$package; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "apt-get install" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	else \
+		echo "missing system packages:" $$missing "(install them as root; their tests skip, and fail under CI)"; \
+	fi
+
 run: install
 	$(BIN)/liveloop up
 
-test: install
+test: install system-packages
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
