@@ -6,8 +6,9 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test install system-packages lint bench clean
 
-# Debian packages the tests drive for real (a headless browser); `make test` installs the missing ones as root.
-SYSTEM_PACKAGES := chromium chromium-driver
+# Debian packages the tests drive for real (a headless browser, Prometheus and promtool); `make test` installs
+# the missing ones as root.
+SYSTEM_PACKAGES := chromium chromium-driver prometheus
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)

@@ -81,6 +81,7 @@ class FeedbackConsumer:
         metrics.DUPLICATES.inc(duplicates)
         metrics.SUPERSEDED.inc(len(superseded))
         dead = sum(message.invalid is not None for message in messages)
+        self._export_lag()
         return Batch(events, offsets, superseded, duplicates, dead, self._generation)
 
     def offsets_of(self, *batches: Batch) -> dict[TopicPartition, int]:
@@ -112,6 +113,14 @@ class FeedbackConsumer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def _export_lag(self) -> None:
+        """The lag of each assigned partition whose high watermark a fetch has told (no request of its own)."""
+        for partition in self._consumer.assignment():
+            highwater = self._consumer.highwater(partition)
+            if highwater is not None:
+                lag = max(0, highwater - self._consumer.position(partition))
+                metrics.CONSUMER_LAG.labels(str(partition.partition)).set(lag)
 
     def _collect(self, max_messages: int, max_wait_s: float) -> list[ConsumerRecord]:
         deadline = time.monotonic() + max_wait_s

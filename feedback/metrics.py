@@ -9,3 +9,5 @@ CONSUMED = Counter("liveloop_feedback_consumed", "Feedback events handed to the 
 DUPLICATES = Counter("liveloop_feedback_duplicates", "Feedback events dropped as repeats of an event id.")
 SUPERSEDED = Counter("liveloop_feedback_superseded", "Ratings dropped because a later one in the batch replaced them.")
 DEAD_LETTERED = Counter("liveloop_feedback_dead_lettered", "Messages sent to the dead-letter topic.", ["reason"])
+CONSUMER_LAG = Gauge("liveloop_feedback_consumer_lag", "Messages of a feedback partition this consumer has not read "
+                     "yet (high watermark − position), by partition.", ["partition"])

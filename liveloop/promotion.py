@@ -191,7 +191,7 @@ class Promoter:
             return
         canary = self.registry.get(routing.canary)
         sides, since = [canary.name, routing.live], canary.state_changed_at
-        counts = self._deciding_thumbs(sides, since=since, until=now)
+        counts = self.deciding_thumbs(sides, since=since, until=now)
         new, live = counts.get(canary.name, Thumbs()), counts.get(routing.live, Thumbs())
         collected = sum(t.n for t in self.registry.thumbs(sides, since=since, until=now,
                                                           requested_model=self.settings.model_alias).values())
@@ -218,8 +218,8 @@ class Promoter:
             return
         promoted_at = _utc(live.state_changed_at)
         window = timedelta(seconds=self.settings.rollback_window_s)
-        new = self._deciding_thumbs([live.name], since=promoted_at, until=now).get(live.name, Thumbs())
-        before = self._deciding_thumbs([live.predecessor], since=promoted_at - window,
+        new = self.deciding_thumbs([live.name], since=promoted_at, until=now).get(live.name, Thumbs())
+        before = self.deciding_thumbs([live.predecessor], since=promoted_at - window,
                                        until=promoted_at).get(live.predecessor, Thumbs())
         rule = RollbackRule.from_settings(self.settings)
         if not rollback_due(new.up, new.n, before.up, before.n, rule):
@@ -234,7 +234,7 @@ class Promoter:
                                         "max_ratings_per_user": self.settings.max_ratings_per_user})
         log.warning("rolled back %s: %s", live.name, reason)
 
-    def _deciding_thumbs(self, versions: list[str | None], *, since: datetime,
+    def deciding_thumbs(self, versions: list[str | None], *, since: datetime,
                          until: datetime) -> dict[str | None, Thumbs]:
         """The ratings a decision may count: requested through the alias (pinned requests chose their version),
         identified users only, each user's first ``max_ratings_per_user`` rated completions per version."""

@@ -30,6 +30,12 @@ class Settings(BaseSettings):
         True, description="Run Alembic migrations at start-up; when false, refuse to start on an old schema."
     )
 
+    # --- logging -------------------------------------------------------------------------------------
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: one JSON object a line, with the request id, completion id, version and user "
+        "where known, for log pipelines.",
+    )
+
     # --- model ---------------------------------------------------------------------------------------
     base_model: Path | None = Field(
         None, description="A local Hugging Face model directory; empty means the packaged SmolLM2-135M-Instruct."

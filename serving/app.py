@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from prometheus_client import make_asgi_app
 
 from feedback.service import FeedbackLog
 from liveloop.db import make_sessionmaker, open_database
@@ -20,6 +19,7 @@ from serving.chat import ChatService
 from serving.engine import Engine
 from serving.errors import DeclaredBodyLimit, install_error_handlers
 from serving.hotswap import AdapterWatcher
+from serving.observability import RequestObservability, metrics_endpoint
 from serving.routers import admin, chat, health, models, page
 from serving.routers import feedback as feedback_routes
 from serving.routing import AdapterSet
@@ -37,8 +37,9 @@ def create_app(settings: Settings) -> FastAPI:
     # routes are matched in order: the busiest endpoints first
     for router in (feedback_routes.router, chat.router, models.router, health.router, admin.router, page.router):
         app.include_router(router, max_body_size=settings.max_body_bytes)
-    app.mount("/metrics", make_asgi_app())
+    app.add_route("/metrics", metrics_endpoint, include_in_schema=False)
     app.mount("/static", page.static_files())
+    app.add_middleware(RequestObservability)  # outermost: it sees every answer, the error handlers' too
     return app
 
 

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 from transformers import PreTrainedTokenizerBase
 
+from liveloop.logs import bind_log_context
 from liveloop.sampling import SamplingParams
 from liveloop.settings import Settings
 from serving.engine import Engine, EngineFull, GenerationRequest, GenerationResult, RequestStream
@@ -78,7 +79,10 @@ class ChatService:
                                                           adapter=resolved.adapter))
         except EngineFull as exc:
             raise Overloaded("The server is at capacity; retry shortly.", headers={"Retry-After": "1"}) from exc
-        return PendingCompletion(new_completion_id(), request, resolved.served_name, prompt_ids, params, stream,
+        completion_id = new_completion_id()
+        bind_log_context(completion_id=completion_id, version=resolved.served_name,
+                         user=user_id if user_id is not None else request.user)
+        return PendingCompletion(completion_id, request, resolved.served_name, prompt_ids, params, stream,
                                  user_id, time.perf_counter(), int(time.time()))
 
     def _prompt_ids(self, request: ChatCompletionRequest) -> list[int]:

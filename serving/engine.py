@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,6 +183,7 @@ class Engine:
             adapter=sequence.request.adapter, dtype=self.dtype,
         )
         metrics.FINISHED.labels(sequence.finish_reason).inc()
+        metrics.E2E_LATENCY.observe(time.perf_counter() - sequence.submitted)
         sequence.stream.publish(result=result)
 
     # --- adapters ------------------------------------------------------------------------------------------------
@@ -244,6 +246,6 @@ class Engine:
         self._runner.drop_finished()
 
     def _update_gauges(self) -> None:
-        metrics.QUEUE_DEPTH.set(len(self._scheduler))
+        metrics.WAITING.set(len(self._scheduler))
         metrics.ADAPTERS_LOADED.set(len(self._adapters))
         metrics.RUNNING.set(len(self._runner.running))

@@ -33,7 +33,7 @@ class Scheduler:
             if len(self._waiting) >= self.max_queue:
                 raise EngineFull(f"{len(self._waiting)} requests are already waiting")
             self._waiting.append(sequence)
-            metrics.QUEUE_DEPTH.set(len(self._waiting))
+            metrics.WAITING.set(len(self._waiting))
             self._lock.notify_all()
 
     def admit(self, running: int) -> list[ServedSequence]:
@@ -46,7 +46,7 @@ class Scheduler:
                 if taken and longest * (len(taken) + 1) > self.max_prefill_tokens:
                     break
                 taken.append(self._waiting.popleft())
-            metrics.QUEUE_DEPTH.set(len(self._waiting))
+            metrics.WAITING.set(len(self._waiting))
         return taken
 
     def remove_cancelled(self) -> list[ServedSequence]:

@@ -31,15 +31,17 @@ class ServedSequence(Sequence):
             generator.manual_seed(request.params.seed)
         super().__init__(request.prompt_ids, request.params, generator=generator, adapter=slot)
         self.request, self.stream, self.text = request, stream, text
-        self.submitted = time.perf_counter()
+        self.submitted = self._last_token_at = time.perf_counter()
         self._on_done = on_done
 
     def append(self, token: int, logprob: float, reason: str | None) -> None:
         self.token_ids.append(token)
         self.logprobs.append(logprob)
         metrics.GENERATED_TOKENS.inc()
-        if len(self.token_ids) == 1:
-            metrics.TIME_TO_FIRST_TOKEN.observe(time.perf_counter() - self.submitted)
+        now = time.perf_counter()
+        (metrics.TIME_TO_FIRST_TOKEN if len(self.token_ids) == 1 else metrics.TIME_PER_OUTPUT_TOKEN).observe(
+            now - self._last_token_at)
+        self._last_token_at = now
         text = "" if reason == "stop" else self.text.push(token)  # the runner's "stop" is an end token
         if self.text.stopped:
             reason = "stop"

@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import math
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from trainer.update import METRIC_NAMES
 
 UPDATE = {name: Gauge(f"liveloop_trainer_{name}", f"PPO update: {name} of the last update") for name in METRIC_NAMES}
-UPDATES = Counter("liveloop_trainer_updates", "PPO updates, by outcome", ["outcome"])
-CANDIDATES = Counter("liveloop_trainer_candidates", "Candidate adapter versions written")
-RATINGS = Counter("liveloop_trainer_ratings", "Ratings consumed, by use", ["use"])
+UPDATES = Counter("liveloop_trainer_updates_total", "PPO updates, by outcome", ["outcome"])
+CANDIDATES = Counter("liveloop_trainer_candidates_total", "Candidate adapter versions written")
+RATINGS = Counter("liveloop_trainer_ratings_total", "Ratings consumed, by use", ["use"])
+# one turn of the loop: wait for a batch of ratings, train on it, gate the candidate, apply the promotion policy
+STAGE_SECONDS = Histogram(
+    "liveloop_trainer_stage_duration_seconds", "Duration of one stage of the trainer's loop: gather (waiting for "
+    "ratings), train (the PPO update and the candidate's registration), gate, decide (the promotion policy)",
+    ["stage"], buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+)
+for outcome in ("applied", "discarded", "skipped"):  # every series exists from the start, at 0
+    UPDATES.labels(outcome)
+for stage in ("gather", "train", "gate", "decide"):
+    STAGE_SECONDS.labels(stage)
 REWARD_MODEL_BALANCED_ACCURACY = Gauge(
     "liveloop_trainer_reward_model_heldout_balanced_accuracy",
     "Reward model held-out balanced accuracy (mean of the accuracy on thumbs up and on thumbs down; a constant "
@@ -19,7 +29,7 @@ REWARD_MODEL_BALANCED_ACCURACY = Gauge(
 )
 REWARD_MODEL_BALANCED_ACCURACY.set(math.nan)  # a gauge starts at 0, which would read as "always wrong"
 BEHAVIOUR_MISMATCH = Gauge(
-    "liveloop_trainer_behaviour_logprob_mismatch",
+    "liveloop_trainer_behaviour_logprob_mismatch_nats",
     "Mean |recomputed − recorded| behaviour log-prob of logged samples served by the trainer's current version",
 )
 

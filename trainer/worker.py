@@ -102,6 +102,7 @@ class Trainer:
             if batches:
                 self.consume(batches)
 
+    @metrics.STAGE_SECONDS.labels("gather").time()
     def gather(self, stop: threading.Event | None = None) -> list[Batch]:
         """Poll until ``train_batch_min`` trainable ratings are in (or ``stop``); their batches, uncommitted."""
         batches, trainable = [], 0
@@ -124,6 +125,7 @@ class Trainer:
             self._gate(candidate.name)
         return candidate
 
+    @metrics.STAGE_SECONDS.labels("train").time()
     def train(self, batches: list[Batch]) -> Candidate | None:
         """One PPO update on the batches' trainable latest ratings, from the version ``_start_point`` names; the
         candidate is registered with the consumed offsets and ratings, or these are stored alone."""
@@ -301,9 +303,11 @@ class Trainer:
         self.reward_model_name = name
 
     def _gate(self, name: str) -> None:
-        report = judge_candidate(self.registry, self.gates, self.sessions, name, base_model_id=self.base.model_id)
+        with metrics.STAGE_SECONDS.labels("gate").time():
+            report = judge_candidate(self.registry, self.gates, self.sessions, name, base_model_id=self.base.model_id)
         if report is not None:
-            Promoter(self.registry, self.settings).after_gates(name)
+            with metrics.STAGE_SECONDS.labels("decide").time():
+                Promoter(self.registry, self.settings).after_gates(name)
 
     def _gate_pending(self) -> None:
         """Candidates registered but never judged (the trainer stopped while gating) are judged now."""

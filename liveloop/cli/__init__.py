@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import logging
-
 import typer
 
 from liveloop.cli import adapter_commands
 from liveloop.cli import feedback as feedback_commands
 from liveloop.cli import simulate as simulate_commands
 from liveloop.cli import trainer as trainer_commands
+from liveloop.logs import configure_logging
 from liveloop.settings import Settings
 
 app = typer.Typer(help="liveloop: serve a chat model and improve it from its users' thumbs.", no_args_is_help=True)
@@ -22,8 +21,9 @@ app.add_typer(simulate_commands.app)  # simulate, simulate-base-rates, simulate-
 
 
 def _settings() -> Settings:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return Settings()
+    settings = Settings()
+    configure_logging(settings.log_format)
+    return settings
 
 
 @app.command()
@@ -35,7 +35,7 @@ def serve(host: str = typer.Option(None, help="Default: LIVELOOP_HOST."),
     from serving.app import create_app
 
     settings = _settings()
-    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_level="info")
+    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_config=None)
 
 
 @app.command()
@@ -82,7 +82,7 @@ def _serve(app, settings: Settings, *, on_exit) -> None:
     """uvicorn until SIGINT/SIGTERM, calling ``on_exit`` first when one arrives."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info"))
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None))
     api_exit = server.handle_exit
 
     def handle_exit(sig, frame) -> None:

@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 @app.command()
 def train() -> None:
     """Consume ratings from Kafka and run PPO on the policy adapter; write and gate candidate versions."""
-    from prometheus_client import start_http_server
+    from prometheus_client import REGISTRY, start_http_server
 
     from feedback.consumer import FeedbackConsumer
     from feedback.kafka import ensure_topics
@@ -26,6 +26,7 @@ def train() -> None:
     from liveloop.model import load_base_model
     from liveloop.promotion import Promoter
     from liveloop.registry import Registry
+    from liveloop.state_metrics import StateCollector
     from trainer.worker import Trainer
 
     settings = _settings()
@@ -38,10 +39,11 @@ def train() -> None:
     # the trainer computes in float32 whatever serving uses; PPOConfig decides on bf16 autocast
     base = load_base_model(settings.model_copy(update={"dtype": "float32"}))
     ensure_topics(settings)
-    if settings.trainer_metrics_port:
-        start_http_server(settings.trainer_metrics_port)
     registry = Registry(sessions, LocalArtifactStore(settings.resolved_artifact_dir),
                         events_topic=settings.adapter_events_topic)
+    if settings.trainer_metrics_port:
+        REGISTRY.register(StateCollector(registry, sessions, settings))  # the loop's state, one process per policy
+        start_http_server(settings.trainer_metrics_port)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

@@ -11,6 +11,8 @@ from feedback.service import (
     NotCompletionOwner,
     UnknownCompletion,
 )
+from liveloop.logs import bind_log_context
+from serving import metrics
 from serving.deps import UserDep
 from serving.errors import APIError, Forbidden, NotFound
 from serving.protocol import ErrorResponse
@@ -36,6 +38,7 @@ _ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 413, 
 async def create_feedback(body: FeedbackCreate, user: UserDep, http_request: Request):
     """Rate a completion. Accepted once the rating and its event are committed; Kafka gets the event from the
     outbox relay, so this answers 202 even while Kafka is down."""
+    bind_log_context(completion_id=body.completion_id, user=user)
     request = FeedbackRequest(completion_id=body.completion_id, rating=body.rating, feedback_id=body.feedback_id,
                               comment=body.comment, user_id=user)
     try:
@@ -44,4 +47,6 @@ async def create_feedback(body: FeedbackCreate, user: UserDep, http_request: Req
         recorded = await writer.record(request)
     except FeedbackError as exc:
         raise _STATUS.get(type(exc), Conflict)(str(exc)) from exc
+    if recorded.created:
+        metrics.RATINGS.labels(recorded.rating).inc()
     return FeedbackPublic.of(recorded)

@@ -442,24 +442,30 @@ def test_metrics_count_what_the_engine_did(make_engine, tiny_base):
     def sample(name: str, **labels) -> float:
         return REGISTRY.get_sample_value(name, labels) or 0.0
 
-    before = {name: sample(name) for name in ("liveloop_engine_generated_tokens_total",
-                                              "liveloop_engine_time_to_first_token_seconds_count",
-                                              "liveloop_engine_prompt_tokens_total")}
+    before = {name: sample(name) for name in ("liveloop_generation_tokens_total",
+                                              "liveloop_time_to_first_token_seconds_count",
+                                              "liveloop_prompt_tokens_total",
+                                              "liveloop_time_per_output_token_seconds_count",
+                                              "liveloop_e2e_request_latency_seconds_count")}
     length_before = sample("liveloop_engine_requests_finished_total", finish_reason="length")
     decode_steps_before = sample("liveloop_engine_step_seconds_count", phase="decode")
     engine = make_engine()
     requests = [GenerationRequest(chat(tiny_base, content), params) for content, params in MIXED]
     results = run(engine, [engine.submit(r) for r in requests])
-    assert sample("liveloop_engine_generated_tokens_total") - before["liveloop_engine_generated_tokens_total"] == sum(
+    assert sample("liveloop_generation_tokens_total") - before["liveloop_generation_tokens_total"] == sum(
         len(r.token_ids) for r in results)
-    assert sample("liveloop_engine_prompt_tokens_total") - before["liveloop_engine_prompt_tokens_total"] == sum(
+    assert sample("liveloop_prompt_tokens_total") - before["liveloop_prompt_tokens_total"] == sum(
         len(r.prompt_ids) for r in requests)
-    assert sample("liveloop_engine_time_to_first_token_seconds_count") - before[
-        "liveloop_engine_time_to_first_token_seconds_count"] == len(requests)
+    assert sample("liveloop_time_to_first_token_seconds_count") - before[
+        "liveloop_time_to_first_token_seconds_count"] == len(requests)
+    assert sample("liveloop_time_per_output_token_seconds_count") - before[
+        "liveloop_time_per_output_token_seconds_count"] == sum(len(r.token_ids) - 1 for r in results)
+    assert sample("liveloop_e2e_request_latency_seconds_count") - before[
+        "liveloop_e2e_request_latency_seconds_count"] == len(requests)
     assert sample("liveloop_engine_requests_finished_total", finish_reason="length") - length_before == len(requests)
     assert sample("liveloop_engine_step_seconds_count", phase="decode") - decode_steps_before == max(
         r.params.max_tokens for r in requests) - 1
-    assert sample("liveloop_engine_running_sequences") == 0 and sample("liveloop_engine_queue_depth") == 0
+    assert sample("liveloop_num_requests_running") == 0 and sample("liveloop_num_requests_waiting") == 0
 
 
 # --- the behaviour log-prob invariant -------------------------------------------------------------------------------
