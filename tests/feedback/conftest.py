@@ -27,19 +27,20 @@ def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
 
 @pytest.fixture
 def add_completion(sessions: sessionmaker[Session]):
-    """Store a served completion the way the serving layer does; returns its id."""
+    """Store a served completion the way the serving layer does; returns its id. Keyword arguments override
+    columns."""
 
-    def add(user_id: str | None = None, adapter_version: str | None = "policy-0001") -> str:
+    def add(user_id: str | None = None, adapter_version: str | None = "policy-0001", **fields) -> str:
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         with sessions.begin() as session:
-            session.add(Completion(
+            session.add(Completion(**dict(
                 id=completion_id, created_at=utcnow(), finished_at=utcnow(), user_id=user_id, end_user=None,
                 requested_model="liveloop", adapter_version=adapter_version,
                 messages=[{"role": "user", "content": "Say hi."}], prompt_token_ids=[1, 2, 3],
                 response_token_ids=[7, 8], response_text="Hi!", behaviour_logprobs=[-0.5, -1.25],
                 sampling_params={"temperature": 0.7, "top_p": 1.0, "max_tokens": 16, "seed": None, "stop": []},
                 dtype="float32", finish_reason="stop", prompt_tokens=3, completion_tokens=2, latency_ms=12.5,
-            ))
+            ) | fields))
         return completion_id
 
     return add
