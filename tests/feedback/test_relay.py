@@ -1,4 +1,5 @@
 import threading
+from datetime import timedelta
 
 import pytest
 from prometheus_client import REGISTRY
@@ -6,6 +7,7 @@ from sqlalchemy import select
 
 from feedback.events import parse_event
 from feedback.relay import Relay
+from feedback.replay import replay
 from liveloop.tables import OutboxMessage
 from tests.feedback.helpers import rate_each, wait_until
 
@@ -78,6 +80,7 @@ def test_a_row_kafka_keeps_refusing_is_parked_and_the_rest_flow_on(sessions, add
     records = read_topic(settings, settings.feedback_topic, 3)
     assert sorted(parse_event(r.value).feedback_id for r in records) == sorted(
         [rated[0].id, rated[2].id] + [row.payload["feedback_id"] for row in outbox(sessions)[-1:]])
+    assert replay(sessions, settings, since=parked.created_at - timedelta(minutes=1)) == 3  # the parked row stays
 
 
 def test_concurrent_relays_never_publish_the_same_row(database_url, sessions, add_completion, kafka_settings,
