@@ -189,6 +189,6 @@ class ConsumedFeedback(Base):
     event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     completion_id: Mapped[str] = mapped_column(String(64))
     revision: Mapped[int] = mapped_column(Integer)
-    outcome: Mapped[str] = mapped_column(String(20))  # 'trained', 'heldout', 'superseded' or 'discarded'
+    outcome: Mapped[str] = mapped_column(String(20))  # feedback.ledger.Outcome: 'trained', 'heldout', ...
     version: Mapped[str | None] = mapped_column(ForeignKey("adapter_versions.name"))  # whose lineage holds it
     consumed_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -6,7 +6,6 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 from sqlalchemy.orm import Session, sessionmaker
 
 from feedback.events import FeedbackEvent
@@ -14,6 +13,7 @@ from feedback.kafka import Message, Publisher
 from liveloop.db import make_engine, make_sessionmaker, migrate
 from liveloop.settings import Settings
 from liveloop.tables import Completion, utcnow
+from tests.feedback import helpers
 
 
 @pytest.fixture
@@ -48,26 +48,8 @@ def add_completion(sessions: sessionmaker[Session]):
 
 @pytest.fixture
 def read_topic():
-    """``read_topic(settings, topic, expected)``: every record on the topic, without a consumer group, waiting
-    until at least ``expected`` are there (or 20 s passed)."""
-    return _read_topic
-
-
-def _read_topic(settings: Settings, topic: str, expected: int, timeout_s: float = 20.0) -> list:
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
-                             auto_offset_reset="earliest")
-    partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-    consumer.assign(partitions)
-    records = []
-    try:
-        for _ in range(int(timeout_s / 0.5)):
-            records.extend(r for batch in consumer.poll(timeout_ms=500).values() for r in batch)
-            if len(records) >= expected:
-                records.extend(r for batch in consumer.poll(timeout_ms=200).values() for r in batch)
-                break
-    finally:
-        consumer.close()
-    return records
+    """``read_topic(settings, topic, expected)`` (``tests.feedback.helpers``)."""
+    return helpers.read_topic
 
 
 @pytest.fixture
