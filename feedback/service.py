@@ -271,8 +271,8 @@ class FeedbackWriter:
     contend with each other for the database (for SQLite's single write lock in particular). The answers of a
     batch go back to each event loop in one hand-over, not one thread wake-up per rating.
 
-    While the database is slow or down, a request waits at most ``timeout_s`` and at most ``max_waiting`` wait;
-    others are answered FeedbackUnavailable at once. A request whose wait ran out is not written afterwards."""
+    While the database is slow or down, a request waits at most ``timeout_s``, and while ``max_waiting`` wait, new
+    ones are answered FeedbackUnavailable at once. A request whose wait ran out is not written afterwards."""
 
     def __init__(self, session_factory: sessionmaker[Session], config: FeedbackConfig = FeedbackConfig(),
                  max_batch: int = 256, max_waiting: int = 4096, timeout_s: float = 10.0):
