@@ -2,7 +2,8 @@
 
 Guarantees, given at-least-once delivery upstream:
 - every message of a batch is accounted for: handed over, dropped as a repeat of an event id, dropped because a
-  later rating of the same completion in the batch replaced it, or sent to the dead-letter topic with a reason;
+  later rating of the same completion in the batch replaced it, or sent to the dead-letter topic with a reason
+  (it is not a valid event, or the caller's ``check`` refused it);
 - offsets move only through ``commit``, with exactly the offsets of the batches the caller durably consumed,
   so a consumer restarted mid-stream resumes after the last committed batch: nothing lost, nothing handed
   over twice.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from kafka import ConsumerRebalanceListener, OffsetAndMetadata, TopicPartition
@@ -43,6 +44,7 @@ class Batch:
     duplicates: int = 0
     dead_lettered: int = 0
     generation: int = 0  # how many times the consumer had (re)positioned its partitions when it read the batch
+    rejected: list[FeedbackEvent] = field(default_factory=list)  # valid, dead-lettered by the caller's check
 
 
 class FeedbackConsumer:
@@ -68,21 +70,26 @@ class FeedbackConsumer:
         for event_id in seen_event_ids:
             self._remember(event_id)
 
-    def next_batch(self, max_messages: int = 256, max_wait_s: float = 5.0) -> Batch:
+    def next_batch(self, max_messages: int = 256, max_wait_s: float = 5.0,
+                   check: Callable[[FeedbackEvent], None] | None = None) -> Batch:
         """Up to ``max_messages`` messages, returning as soon as there are that many or ``max_wait_s`` passed.
-        The first call also waits for the group join (about 3 s with the default timeouts)."""
-        messages = self._dead_letter_invalid([_Parsed.of(record) for record in self._collect(max_messages, max_wait_s)])
+        The first call also waits for the group join (about 3 s with the default timeouts). ``check``: the
+        caller's test of each valid event; one it raises InvalidEvent for goes to the dead-letter topic with that
+        reason (and into ``Batch.rejected``), covered by the batch's offsets like any other."""
+        records = self._collect(max_messages, max_wait_s)
+        messages = self._dead_letter_invalid([_Parsed.of(record, check) for record in records])
         offsets: dict[TopicPartition, int] = {}
         for message in messages:
             offsets[message.partition] = max(offsets.get(message.partition, 0), message.record.offset + 1)
-        fresh, duplicates = self._drop_repeats([message.event for message in messages if message.event])
+        fresh, duplicates = self._drop_repeats([m.event for m in messages if m.event and m.invalid is None])
         events, superseded = latest_ratings(fresh)
         metrics.CONSUMED.inc(len(events))
         metrics.DUPLICATES.inc(duplicates)
         metrics.SUPERSEDED.inc(len(superseded))
-        dead = sum(message.invalid is not None for message in messages)
+        dead = [message for message in messages if message.invalid is not None]
         self._export_lag()
-        return Batch(events, offsets, superseded, duplicates, dead, self._generation)
+        return Batch(events, offsets, superseded, duplicates, len(dead), self._generation,
+                     rejected=[message.event for message in dead if message.event])
 
     def offsets_of(self, *batches: Batch) -> dict[TopicPartition, int]:
         """Per partition, the offset after the last message of these batches: what to store once they are
@@ -243,16 +250,22 @@ class FeedbackConsumer:
 class _Parsed:
     record: ConsumerRecord
     partition: TopicPartition
-    event: FeedbackEvent | None = None
+    event: FeedbackEvent | None = None  # also with ``invalid``, when the caller's check refused a valid event
     invalid: InvalidEvent | None = None
 
     @classmethod
-    def of(cls, record: ConsumerRecord) -> _Parsed:
+    def of(cls, record: ConsumerRecord, check: Callable[[FeedbackEvent], None] | None = None) -> _Parsed:
         partition = TopicPartition(record.topic, record.partition)
         try:
-            return cls(record, partition, event=parse_event(record.value))
+            event = parse_event(record.value)
         except InvalidEvent as exc:
             return cls(record, partition, invalid=exc)
+        try:
+            if check is not None:
+                check(event)
+        except InvalidEvent as exc:
+            return cls(record, partition, event=event, invalid=exc)
+        return cls(record, partition, event=event)
 
 
 class _DropRevoked(ConsumerRebalanceListener):

@@ -28,7 +28,8 @@ UTCDatetime = Annotated[datetime, AfterValidator(as_utc)]
 
 
 class FeedbackEvent(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    # NaN and ±inf are no reward or log-prob (JSON has no spelling for them; orjson would write null)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
     schema_version: Literal[1] = SCHEMA_VERSION
     event_id: str = Field(description="Unique per event; consumers drop repeats (delivery is at least once).")
@@ -78,6 +79,15 @@ class UnknownSchemaVersion(InvalidEvent):
     pass
 
 
+class UntrainableEvent(InvalidEvent):
+    """A valid event the consumer's caller cannot use (the trainer: tokens outside its vocabulary, say)."""
+
+
+def describe(exc: ValidationError) -> str:
+    """Each problem of a validation error as 'field.path: message', joined."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'event'}: {e['msg']}" for e in exc.errors())
+
+
 def parse_event(raw: bytes | None) -> FeedbackEvent:
     """The event in ``raw`` (a Kafka message value), or a typed error that says what is wrong with it."""
     if raw is None:
@@ -96,5 +106,4 @@ def parse_event(raw: bytes | None) -> FeedbackEvent:
     try:
         return FeedbackEvent.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'event'}: {e['msg']}" for e in exc.errors())
-        raise MalformedEvent(f"invalid version {SCHEMA_VERSION} event: {problems}") from None
+        raise MalformedEvent(f"invalid version {SCHEMA_VERSION} event: {describe(exc)}") from None

@@ -131,9 +131,11 @@ class Publisher:
             try:
                 futures.append((index, producer.send(message.topic, key=message.key.encode(), value=message.value,
                                                      headers=list(message.headers))))
-            except KafkaError as exc:  # no metadata within max_block_ms: the rest would wait as long again
-                errors[index:] = [exc] * (len(messages) - index)
-                break
+            except KafkaError as exc:
+                if exc.retriable:  # no metadata within max_block_ms, say: the rest would wait as long again
+                    errors[index:] = [exc] * (len(messages) - index)
+                    break
+                errors[index] = exc  # this message's own fault (too large, say): the others may go
         self._await_acks(producer, futures, errors)
         if any(errors):
             self.close()

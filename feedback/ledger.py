@@ -31,6 +31,7 @@ class Outcome(StrEnum):
     HELDOUT = "heldout"  # the gates' held-out split: never trained on
     SUPERSEDED = "superseded"  # a newer rating of the same completion exists: never trained on
     DISCARDED = "discarded"  # trainable, but the update produced no candidate (no samples, or not applied)
+    DEAD_LETTERED = "dead_lettered"  # a valid event the trainer cannot use: on the dead-letter topic, with why
 
 
 @dataclass(frozen=True)

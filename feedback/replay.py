@@ -29,11 +29,12 @@ class ReplayError(RuntimeError):
 
 def replay(session_factory: sessionmaker[Session], settings: Settings, *, since: datetime,
            until: datetime | None = None, batch_size: int = 500) -> int:
-    """Republish the feedback events recorded in [since, until) (naive times are UTC); returns how many Kafka
-    acknowledged. Raises ReplayError at the first batch Kafka did not fully acknowledge; running it again is
-    safe."""
+    """Republish the feedback events recorded in [since, until) (naive times are UTC), parked ones not; returns
+    how many Kafka acknowledged. Raises ReplayError at the first batch Kafka did not fully acknowledge; running it
+    again is safe."""
     outbox = OutboxMessage.__table__
-    query = OUTBOX_MESSAGES.where(outbox.c.topic == settings.feedback_topic, outbox.c.created_at >= as_utc(since))
+    query = OUTBOX_MESSAGES.where(outbox.c.topic == settings.feedback_topic, outbox.c.created_at >= as_utc(since),
+                                  outbox.c.parked_at.is_(None))
     if until is not None:
         query = query.where(outbox.c.created_at < as_utc(until))
     return _republish(session_factory, settings, query, batch_size)

@@ -6,7 +6,8 @@ across API replicas: ``client_feedback_id`` makes a repeated request read back t
 A transaction that loses such a race rolls back and runs again on what the winner wrote.
 
 The API records through ``FeedbackWriter``, which commits whatever requests are waiting together (group commit):
-one commit and a handful of statements then carry many ratings.
+one commit and a handful of statements then carry many ratings. One rating the database refuses fails alone (the
+batch is written again one rating at a time), and a database that is down or slow is a 503, not a hang.
 """
 
 from __future__ import annotations
@@ -15,16 +16,18 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from pydantic import ValidationError
 from sqlalchemy import bindparam, insert, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
-from feedback.events import FeedbackEvent, as_utc
+from feedback.events import FeedbackEvent, as_utc, describe
 from feedback.relay import Relay
 from liveloop.settings import Settings
 from liveloop.tables import Completion, Feedback, OutboxMessage, utcnow
@@ -60,6 +63,14 @@ class NotCompletionOwner(FeedbackError):
 
 class FeedbackIdConflict(FeedbackError):
     """The client's feedback_id was already used for a different rating (→ 409)."""
+
+
+class UnusableCompletion(InvalidFeedback):
+    """The completion as stored cannot make a feedback event, e.g. its behaviour log-probs are not finite (→ 422)."""
+
+
+class FeedbackUnavailable(FeedbackError):
+    """The database is unreachable, or too slow to take the rating in time (→ 503)."""
 
 
 @dataclass(frozen=True)
@@ -116,15 +127,36 @@ def record_feedback(session_factory: sessionmaker[Session], *, completion_id: st
     """Store one rating and its event. With a ``user_id`` the completion must have been served to that user."""
     request = FeedbackRequest(completion_id, rating, feedback_id, comment, user_id)
     [result] = record_batch(session_factory, [request], config=config, max_attempts=max_attempts)
-    if isinstance(result, FeedbackError):
+    if isinstance(result, Exception):
         raise result
     return result
 
 
 def record_batch(session_factory: sessionmaker[Session], requests: Sequence[FeedbackRequest], *,
                  config: FeedbackConfig = FeedbackConfig(),
-                 max_attempts: int = 5) -> list[RecordedFeedback | FeedbackError]:
-    """Store many ratings in one transaction; each request gets its answer or its typed error, in order."""
+                 max_attempts: int = 5) -> list[RecordedFeedback | Exception]:
+    """Store many ratings in one transaction; each request gets its answer or its error, in order (a typed
+    FeedbackError, or the unexpected exception of a rating that failed on its own)."""
+    try:
+        return _record_together(session_factory, requests, config, max_attempts)
+    except (OperationalError, InterfaceError) as exc:  # unreachable, connection lost, SQLite's lock wait ran out
+        log.error("the database did not take %d ratings: %s", len(requests), exc)
+        return [FeedbackUnavailable("the feedback store is unavailable; retry later")] * len(requests)
+    except Exception as exc:
+        if len(requests) > 1:  # some rating the database refuses: each alone, so only that one fails
+            log.warning("a batch of %d ratings failed (%s); writing them one at a time", len(requests), exc)
+            return [result for request in requests
+                    for result in record_batch(session_factory, [request], config=config, max_attempts=max_attempts)]
+        if isinstance(exc, DataError | UnicodeError) or isinstance(exc, StatementError) and isinstance(
+                exc.orig, UnicodeError):
+            log.warning("the database refused a rating of %s: %s", requests[0].completion_id, exc)
+            return [InvalidFeedback("the rating contains data the database cannot store")]
+        log.exception("recording a rating of %s failed", requests[0].completion_id)
+        return [exc]
+
+
+def _record_together(session_factory: sessionmaker[Session], requests: Sequence[FeedbackRequest],
+                     config: FeedbackConfig, max_attempts: int) -> list[RecordedFeedback | FeedbackError]:
     for _ in range(max_attempts):
         try:
             with session_factory.begin() as session:
@@ -144,18 +176,18 @@ def _record_batch(session: Session, requests: Sequence[FeedbackRequest],
         if row["completion_id"] not in latest or row["revision"] > latest[row["completion_id"]]["revision"]:
             latest[row["completion_id"]] = row
     results: list[RecordedFeedback | FeedbackError] = []
-    new_rows: list[dict] = []
+    new_rows: list[tuple[dict, dict]] = []
     for request in requests:
         try:
-            result, row = _decide(request, completions, earlier, latest, config)
+            result, rows = _decide(request, completions, earlier, latest, config)
         except FeedbackError as exc:
-            result, row = exc, None
+            result, rows = exc, None
         results.append(result)
-        if row is not None:
-            new_rows.append(row)
+        if rows is not None:
+            new_rows.append(rows)
     if new_rows:
-        session.execute(_ADD_FEEDBACK, new_rows)
-        session.execute(_ADD_OUTBOX, [_outbox_row(row, completions[row["completion_id"]], config) for row in new_rows])
+        session.execute(_ADD_FEEDBACK, [feedback for feedback, _ in new_rows])
+        session.execute(_ADD_OUTBOX, [outbox for _, outbox in new_rows])
     return results
 
 
@@ -169,9 +201,9 @@ def _rows_by(session: Session, statement, column: str, keys: set) -> dict[str, M
 
 
 def _decide(request: FeedbackRequest, completions: Mapping[str, Mapping], earlier: dict[str, Mapping],
-            latest: dict[str, Mapping], config: FeedbackConfig) -> tuple[RecordedFeedback, dict | None]:
-    """The answer to one request, and the feedback row to insert if it is a new rating. Updates ``earlier`` and
-    ``latest`` so that later requests of the same batch see it."""
+            latest: dict[str, Mapping], config: FeedbackConfig) -> tuple[RecordedFeedback, tuple[dict, dict] | None]:
+    """The answer to one request, and the feedback and outbox rows to insert if it is a new rating. Updates
+    ``earlier`` and ``latest`` so that later requests of the same batch see it."""
     _validate(request, config)
     completion = completions.get(request.completion_id)
     if completion is None:
@@ -186,10 +218,11 @@ def _decide(request: FeedbackRequest, completions: Mapping[str, Mapping], earlie
            "reward": config.reward(request.rating), "comment": request.comment,
            "client_feedback_id": request.feedback_id, "supersedes_id": previous["id"] if previous else None,
            "user_id": request.user_id, "created_at": utcnow()}
+    outbox = _outbox_row(row, completion, config)
     latest[request.completion_id] = row
     if request.feedback_id is not None:
         earlier[request.feedback_id] = row
-    return RecordedFeedback.of(row, created=True), row
+    return RecordedFeedback.of(row, created=True), (row, outbox)
 
 
 def _validate(request: FeedbackRequest, config: FeedbackConfig) -> None:
@@ -209,7 +242,19 @@ def _repeat(earlier: Mapping, request: FeedbackRequest) -> RecordedFeedback:
 
 
 def _outbox_row(row: Mapping, completion: Mapping, config: FeedbackConfig) -> dict:
-    event = FeedbackEvent(
+    """The outbox row of a new rating; UnusableCompletion when the stored completion cannot make an event."""
+    try:
+        event = _event(row, completion)
+    except ValidationError as exc:
+        raise UnusableCompletion(f"completion {completion['id']!r} cannot be rated: its stored data do not make a "
+                                 f"valid feedback event ({describe(exc)})") from None
+    return {"event_id": event.event_id, "topic": config.topic, "key": completion["id"],
+            "payload": event.model_dump(mode="json"), "created_at": row["created_at"], "attempts": 0,
+            "sent_at": None, "last_error": None}
+
+
+def _event(row: Mapping, completion: Mapping) -> FeedbackEvent:
+    return FeedbackEvent(
         event_id=uuid.uuid4().hex, feedback_id=row["id"], completion_id=completion["id"], revision=row["revision"],
         rating=row["rating"], reward=row["reward"], supersedes=row["supersedes_id"], comment=row["comment"],
         user_id=row["user_id"], rated_at=row["created_at"], messages=completion["messages"],
@@ -218,21 +263,23 @@ def _outbox_row(row: Mapping, completion: Mapping, config: FeedbackConfig) -> di
         sampling_params=completion["sampling_params"], dtype=completion["dtype"],
         completion_created_at=completion["created_at"],
     )
-    return {"event_id": event.event_id, "topic": config.topic, "key": completion["id"],
-            "payload": event.model_dump(mode="json"), "created_at": row["created_at"], "attempts": 0,
-            "sent_at": None, "last_error": None}
 
 
 class FeedbackWriter:
     """Group commit for the API: requests from any event loop queue up, and one thread writes whatever is waiting
     (up to ``max_batch``) in one transaction. A commit then carries many ratings, and the process's requests never
     contend with each other for the database (for SQLite's single write lock in particular). The answers of a
-    batch go back to each event loop in one hand-over, not one thread wake-up per rating."""
+    batch go back to each event loop in one hand-over, not one thread wake-up per rating.
+
+    While the database is slow or down, a request waits at most ``timeout_s``, and while ``max_waiting`` wait, new
+    ones are answered FeedbackUnavailable at once. A request whose wait ran out is not written afterwards."""
 
     def __init__(self, session_factory: sessionmaker[Session], config: FeedbackConfig = FeedbackConfig(),
-                 max_batch: int = 256):
+                 max_batch: int = 256, max_waiting: int = 4096, timeout_s: float = 10.0):
         self._sessions, self._config, self._max_batch = session_factory, config, max_batch
-        self._queue: queue.SimpleQueue[tuple[FeedbackRequest, asyncio.Future] | None] = queue.SimpleQueue()
+        self._max_waiting, self._timeout_s = max_waiting, timeout_s
+        # request, its future, and the monotonic time its wait ends
+        self._queue: queue.Queue[tuple[FeedbackRequest, asyncio.Future, float] | None] = queue.Queue(max_waiting)
         self._thread: threading.Thread | None = None
 
     def start(self) -> FeedbackWriter:
@@ -241,14 +288,25 @@ class FeedbackWriter:
         return self
 
     async def record(self, request: FeedbackRequest) -> RecordedFeedback:
-        """The recorded rating once it is committed; raises the request's FeedbackError."""
+        """The recorded rating once it is committed; raises the request's FeedbackError (FeedbackUnavailable when
+        the database did not take it in time)."""
         future = asyncio.get_running_loop().create_future()
-        self._queue.put((request, future))
-        return await future
+        try:
+            self._queue.put_nowait((request, future, time.monotonic() + self._timeout_s))
+        except queue.Full:
+            raise FeedbackUnavailable(f"{self._max_waiting} ratings wait for the database; retry later") from None
+        try:
+            return await asyncio.wait_for(future, self._timeout_s)
+        except TimeoutError:
+            raise FeedbackUnavailable(f"the database did not take the rating within {self._timeout_s:g} s; it may "
+                                      "have been recorded meanwhile: retry with the same feedback_id") from None
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Write what was submitted before, then end the thread."""
-        self._queue.put(None)
+        try:
+            self._queue.put(None, timeout=timeout_s)
+        except queue.Full:
+            log.warning("the feedback writer is stuck on the database; leaving it")
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None
@@ -258,10 +316,11 @@ class FeedbackWriter:
             waiting = [self._queue.get()]
             while len(waiting) < self._max_batch and not self._queue.empty():
                 waiting.append(self._queue.get())
-            batch = [item for item in waiting if item is not None]
+            now = time.monotonic()
+            batch = [(request, future) for request, future, deadline in filter(None, waiting) if deadline > now]
             if batch:
                 self._write(batch)
-            if len(batch) < len(waiting):
+            if None in waiting:
                 return
 
     def _write(self, batch: list[tuple[FeedbackRequest, asyncio.Future]]) -> None:
@@ -305,7 +364,9 @@ class FeedbackLog:
             relay = Relay(session_factory, settings).start()
         elif settings.relay_in_api:
             log.warning("LIVELOOP_KAFKA_BOOTSTRAP is empty: ratings wait in the outbox until a relay runs")
-        return cls(FeedbackWriter(session_factory, FeedbackConfig.from_settings(settings)).start(), relay)
+        writer = FeedbackWriter(session_factory, FeedbackConfig.from_settings(settings),
+                                max_waiting=settings.feedback_max_waiting, timeout_s=settings.feedback_write_timeout_s)
+        return cls(writer.start(), relay)
 
     def stop(self) -> None:
         self.writer.stop()

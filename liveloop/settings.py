@@ -100,6 +100,12 @@ class Settings(BaseSettings):
     feedback_reward_up: float = Field(1.0, description="Reward a thumbs-up is worth to the trainer.")
     feedback_reward_down: float = Field(-1.0, description="Reward a thumbs-down is worth to the trainer.")
     feedback_comment_max_chars: int = Field(2_000, ge=0, description="Longest comment accepted with a rating.")
+    feedback_write_timeout_s: float = Field(
+        10.0, gt=0, description="Longest a rating waits for the database; then it is answered 503 and not written."
+    )
+    feedback_max_waiting: int = Field(
+        4096, ge=1, description="Ratings waiting for the database (per API process) beyond which new ones get 503."
+    )
     relay_in_api: bool = Field(True, description="Run the outbox relay inside the API process.")
     relay_batch_size: int = Field(500, ge=1, description="Outbox rows published per round trip.")
     relay_poll_interval_s: float = Field(
@@ -107,6 +113,10 @@ class Settings(BaseSettings):
         "adapter event and rating written by another process (an idle relay at 0.05 s costs ~2% of a core).",
     )
     relay_max_backoff_s: float = Field(30.0, gt=0, description="Longest wait between retries while Kafka is down.")
+    relay_max_attempts: int = Field(
+        10, ge=1, description="Failed sends of its own (Kafka refused it, or took others of its round) after which an "
+        "outbox row is parked: kept with its error, no longer sent, counted in liveloop_outbox_parked_rows.",
+    )
 
     # --- registry ------------------------------------------------------------------------------------
     artifact_dir: Path | None = Field(

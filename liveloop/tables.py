@@ -137,7 +137,8 @@ class Feedback(Base):
 
 class OutboxMessage(Base):
     """A Kafka message written in the same transaction as the row it announces; the relay publishes it and sets
-    ``sent_at`` only once the broker has acknowledged it. Sent rows stay: ``liveloop replay`` republishes them."""
+    ``sent_at`` only once the broker has acknowledged it. Sent rows stay: ``liveloop replay`` republishes them.
+    A row Kafka keeps refusing is parked (``parked_at``): kept with its error, not sent again."""
 
     __tablename__ = "outbox"
     __table_args__ = (
@@ -151,8 +152,9 @@ class OutboxMessage(Base):
     payload: Mapped[dict]
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     sent_at: Mapped[datetime | None]
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # failed sends of its own (not while Kafka was down)
     last_error: Mapped[str | None] = mapped_column(Text)
+    parked_at: Mapped[datetime | None]  # set after LIVELOOP_RELAY_MAX_ATTEMPTS attempts; the relay skips it
 
 
 # --- what the trainer consumed (feedback/ledger.py) ----------------------------------------------------------
@@ -187,6 +189,6 @@ class ConsumedFeedback(Base):
     event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     completion_id: Mapped[str] = mapped_column(String(64))
     revision: Mapped[int] = mapped_column(Integer)
-    outcome: Mapped[str] = mapped_column(String(20))  # 'trained', 'heldout', 'superseded' or 'discarded'
+    outcome: Mapped[str] = mapped_column(String(20))  # feedback.ledger.Outcome: 'trained', 'heldout', ...
     version: Mapped[str | None] = mapped_column(ForeignKey("adapter_versions.name"))  # whose lineage holds it
     consumed_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -26,6 +26,10 @@ trained on (importance-weighted, ``trainer.ppo``), so each batch can yield a can
 
 Held-out ratings (a stable hash of the completion id, ``gate_holdout_fraction``) are never trained on: the
 gates estimate reward on them.
+
+Events that are valid but cannot be trained on (``trainer.samples.check_trainable``: tokens outside the
+vocabulary, a bad temperature, ...) go to the dead-letter topic with the reason, and are recorded as consumed
+(``dead_lettered``) with their batch; training goes on.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ from trainer.policy import POLICY_ADAPTER, Policy
 from trainer.ppo import AdaptiveKLController, RunningMoments
 from trainer.reward_model import RatedResponse, RewardModel, RewardModelConfig
 from trainer.rollout import RolloutConfig, fresh_samples
+from trainer.samples import check_trainable, logged_sample
 from trainer.update import Sample, ppo_update
 
 log = logging.getLogger(__name__)
@@ -108,7 +113,8 @@ class Trainer:
         batches, trainable = [], 0
         while trainable < self.settings.train_batch_min and not (stop and stop.is_set()):
             batch = self.consumer.next_batch(max_messages=self.settings.train_batch_max - trainable,
-                                             max_wait_s=self.settings.train_poll_s)
+                                             max_wait_s=self.settings.train_poll_s,
+                                             check=lambda event: check_trainable(event, self.policy))
             if batch.offsets:
                 batches.append(batch)
                 trainable += len(self._trainable(batch.events))
@@ -135,7 +141,8 @@ class Trainer:
         events = self._trainable(fresh)
         trainable = {e.event_id for e in events}
         consumed = [(e, Outcome.SUPERSEDED) for e in superseded] + [
-            (e, Outcome.HELDOUT) for e in fresh if e.event_id not in trainable]
+            (e, Outcome.HELDOUT) for e in fresh if e.event_id not in trainable] + [
+            (e, Outcome.DEAD_LETTERED) for batch in batches for e in batch.rejected]
         metrics.RATINGS.labels("trained").inc(len(events))
         update = self._update(events) if events else None
         if update is None or not update["applied"]:
@@ -183,9 +190,7 @@ class Trainer:
     def _logged_samples(self, events: list[FeedbackEvent]) -> list[Sample]:
         """Served samples as PPO samples, whichever version served them: the importance weights correct for the
         gap between that version and the policy (``trainer.ppo``), so none is dropped for its age."""
-        return [Sample(prompt_ids=event.prompt_token_ids, response_ids=event.response_token_ids,
-                       behaviour_logprobs=event.behaviour_logprobs, score=event.reward,
-                       temperature=float(event.sampling_params.get("temperature", 1.0))) for event in events]
+        return [logged_sample(event) for event in events]
 
     def _version_number(self, name: str | None) -> int | None:
         """The PPO version number of a served adapter version (the base model is 0); None when unknown."""

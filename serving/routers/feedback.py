@@ -6,15 +6,17 @@ from feedback.service import (
     FeedbackError,
     FeedbackIdConflict,
     FeedbackRequest,
+    FeedbackUnavailable,
     FeedbackWriter,
     InvalidFeedback,
     NotCompletionOwner,
     UnknownCompletion,
+    UnusableCompletion,
 )
 from liveloop.logs import bind_log_context
 from serving import metrics
 from serving.deps import UserDep
-from serving.errors import APIError, Forbidden, NotFound
+from serving.errors import APIError, Forbidden, NotFound, Unavailable
 from serving.protocol import ErrorResponse
 from serving.schemas_feedback import FeedbackCreate, FeedbackPublic
 
@@ -30,8 +32,8 @@ class Unprocessable(APIError):
 
 
 _STATUS = {UnknownCompletion: NotFound, NotCompletionOwner: Forbidden, FeedbackIdConflict: Conflict,
-           InvalidFeedback: Unprocessable}
-_ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 413, 422)}
+           InvalidFeedback: Unprocessable, UnusableCompletion: Unprocessable, FeedbackUnavailable: Unavailable}
+_ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 413, 422, 503)}
 
 
 @router.post("/feedback", status_code=202, response_model=FeedbackPublic, responses=_ERRORS)

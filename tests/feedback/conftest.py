@@ -6,7 +6,6 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 from sqlalchemy.orm import Session, sessionmaker
 
 from feedback.events import FeedbackEvent
@@ -14,6 +13,7 @@ from feedback.kafka import Message, Publisher
 from liveloop.db import make_engine, make_sessionmaker, migrate
 from liveloop.settings import Settings
 from liveloop.tables import Completion, utcnow
+from tests.feedback import helpers
 
 
 @pytest.fixture
@@ -27,19 +27,20 @@ def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
 
 @pytest.fixture
 def add_completion(sessions: sessionmaker[Session]):
-    """Store a served completion the way the serving layer does; returns its id."""
+    """Store a served completion the way the serving layer does; returns its id. Keyword arguments override
+    columns."""
 
-    def add(user_id: str | None = None, adapter_version: str | None = "policy-0001") -> str:
+    def add(user_id: str | None = None, adapter_version: str | None = "policy-0001", **fields) -> str:
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         with sessions.begin() as session:
-            session.add(Completion(
+            session.add(Completion(**dict(
                 id=completion_id, created_at=utcnow(), finished_at=utcnow(), user_id=user_id, end_user=None,
                 requested_model="liveloop", adapter_version=adapter_version,
                 messages=[{"role": "user", "content": "Say hi."}], prompt_token_ids=[1, 2, 3],
                 response_token_ids=[7, 8], response_text="Hi!", behaviour_logprobs=[-0.5, -1.25],
                 sampling_params={"temperature": 0.7, "top_p": 1.0, "max_tokens": 16, "seed": None, "stop": []},
                 dtype="float32", finish_reason="stop", prompt_tokens=3, completion_tokens=2, latency_ms=12.5,
-            ))
+            ) | fields))
         return completion_id
 
     return add
@@ -47,26 +48,8 @@ def add_completion(sessions: sessionmaker[Session]):
 
 @pytest.fixture
 def read_topic():
-    """``read_topic(settings, topic, expected)``: every record on the topic, without a consumer group, waiting
-    until at least ``expected`` are there (or 20 s passed)."""
-    return _read_topic
-
-
-def _read_topic(settings: Settings, topic: str, expected: int, timeout_s: float = 20.0) -> list:
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
-                             auto_offset_reset="earliest")
-    partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-    consumer.assign(partitions)
-    records = []
-    try:
-        for _ in range(int(timeout_s / 0.5)):
-            records.extend(r for batch in consumer.poll(timeout_ms=500).values() for r in batch)
-            if len(records) >= expected:
-                records.extend(r for batch in consumer.poll(timeout_ms=200).values() for r in batch)
-                break
-    finally:
-        consumer.close()
-    return records
+    """``read_topic(settings, topic, expected)`` (``tests.feedback.helpers``)."""
+    return helpers.read_topic
 
 
 @pytest.fixture

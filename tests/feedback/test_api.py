@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import sqlite3
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from sqlalchemy import select
 
 from feedback.consumer import FeedbackConsumer
 from feedback.relay import Relay
 from feedback.replay import replay
-from liveloop.tables import Completion, utcnow
+from liveloop.tables import Completion, Feedback, utcnow
+from tests.conftest import POSTGRES_ADMIN_URL
 from tests.feedback.helpers import drain, wait_until
 from tests.serving.conftest import running_server
 
@@ -113,3 +119,68 @@ def test_feedback_errors(api):
         assert rate(client, "key-alice", completion_id=alices, rating="up", feedback_id="k").status_code == 202
         reused = rate(client, "key-alice", completion_id=alices, rating="down", feedback_id="k")
         assert reused.status_code == 409 and reused.json()["error"]["code"] == "conflict"
+
+
+def test_one_bad_rating_among_concurrent_ones_fails_alone(api, add_completion):
+    """Concurrent ratings share group commits. A completion whose behaviour log-probs are not finite (a tiny
+    temperature's NaNs, stored as null) and a comment no database can store get a 4xx; every other one a 202."""
+    with api(relay_in_api=False) as (client, _):
+        good = [complete(client) for _ in range(8)]
+        broken = add_completion(behaviour_logprobs=[None, -1.25])
+        bodies = [{"completion_id": c, "rating": "up"} for c in good] + [
+            {"completion_id": broken, "rating": "up"},
+            {"completion_id": good[0], "rating": "down", "comment": "\ud800"}]
+        with ThreadPoolExecutor(len(bodies)) as pool:  # JSON's \\u escape carries the lone surrogate
+            *fine, unusable, unstorable = pool.map(lambda body: client.post(
+                "/v1/feedback", content=json.dumps(body), headers={"Content-Type": "application/json"}), bodies)
+    assert [r.status_code for r in fine] == [202] * len(good)
+    assert unusable.status_code == 422 and "behaviour_logprobs" in unusable.json()["error"]["message"]
+    assert 400 <= unstorable.status_code < 500
+
+
+@contextmanager
+def database_down(database_url: str) -> Iterator[None]:
+    """The database stops taking writes: SQLite is locked by another writer, PostgreSQL refuses connections."""
+    if database_url.startswith("sqlite"):
+        lock = sqlite3.connect(database_url.removeprefix("sqlite:///"), isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")
+        try:
+            yield
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        return
+    name = database_url.rsplit("/", 1)[1]
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+        conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"),
+                     {"name": name})
+    try:
+        yield
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+        admin.dispose()
+
+
+def test_a_database_that_is_down_gets_503_not_a_hang(api, database_url, sessions):
+    with api(relay_in_api=False, feedback_write_timeout_s=1.0, feedback_max_waiting=1) as (client, _):
+        completion = complete(client)
+        answers = []
+        with database_down(database_url):
+            for n in range(3):
+                started = time.monotonic()
+                response = rate(client, completion_id=completion, rating="up", feedback_id=f"down-{n}")
+                answers.append((response.status_code, time.monotonic() - started, response.json()["error"]))
+        assert [(status, error["code"]) for status, _, error in answers] == [(503, "not_ready")] * 3
+        assert all(took < 3 for _, took, _ in answers)  # the write timeout (1 s) bounds every wait
+        if database_url.startswith("sqlite"):  # the writer waits for the lock with the first; one more fits
+            _, took, error = answers[2]
+            assert took < 0.5 and "wait for the database" in error["message"]
+        # back at once: the writer finishes its batch and drops the requests already answered
+        wait_until(lambda: rate(client, completion_id=completion, rating="down", feedback_id="after").status_code
+                   == 202, timeout_s=5)
+    with sessions() as session:
+        recorded = set(session.scalars(select(Feedback.client_feedback_id)))
+    assert "after" in recorded and not {"down-1", "down-2"} & recorded  # answered 503 before a write: never written

@@ -2,6 +2,7 @@ import json
 
 from feedback.broker import free_port
 from feedback.consumer import FeedbackConsumer, latest_ratings
+from feedback.events import UntrainableEvent
 from feedback.kafka import Publisher
 from feedback.ledger import Ledger
 from tests.feedback.helpers import drain
@@ -78,6 +79,26 @@ def test_unreadable_messages_go_to_the_dead_letter_topic_with_the_reason(kafka_s
     publish(settings, [sentinel])
     with FeedbackConsumer(settings) as again:  # the committed offsets covered the dead letters too
         assert [e.event_id for batch in drain(again, 1) for e in batch.events] == [sentinel.event_id]
+
+
+def test_events_the_callers_check_refuses_go_to_the_dead_letter_topic(kafka_settings, make_event, publish,
+                                                                      read_topic):
+    settings = kafka_settings(feedback_partitions=1)
+    refused, good = make_event(sampling_params={"temperature": -1.0}), make_event()
+
+    def check(event):
+        if event.sampling_params["temperature"] < 0:
+            raise UntrainableEvent("negative temperature")
+
+    publish(settings, [refused, good])
+    with FeedbackConsumer(settings) as consumer:
+        batch = consumer.next_batch(max_messages=2, max_wait_s=30, check=check)
+    assert [e.event_id for e in batch.events] == [good.event_id]
+    assert [e.event_id for e in batch.rejected] == [refused.event_id] and batch.dead_lettered == 1
+    assert list(batch.offsets.values()) == [2]  # the batch covers it
+    [dead] = read_topic(settings, settings.feedback_dlq_topic, 1)
+    assert (dict(dead.headers)["dlq.reason"], dict(dead.headers)["dlq.error"]) == (b"negative temperature",
+                                                                                   b"UntrainableEvent")
 
 
 def test_consumer_restarted_mid_stream_resumes_from_committed_offsets(kafka_settings, make_event, publish):

@@ -38,6 +38,10 @@ def test_fields_added_later_in_the_same_version_are_ignored():
     (json.dumps(event(rating="meh")).encode(), MalformedEvent, "rating"),
     (json.dumps(event(revision=0)).encode(), MalformedEvent, "revision"),
     (json.dumps(event(behaviour_logprobs=[-0.1])).encode(), MalformedEvent, "1 behaviour log-probs for 2"),
+    # Python's json writes and reads NaN and Infinity; orjson writes null
+    (json.dumps(event(behaviour_logprobs=[float("nan"), -0.2])).encode(), MalformedEvent, "behaviour_logprobs.0"),
+    (json.dumps(event(behaviour_logprobs=[None, -0.2])).encode(), MalformedEvent, "behaviour_logprobs.0"),
+    (json.dumps(event(reward=float("inf"))).encode(), MalformedEvent, "reward"),
 ])
 def test_unusable_messages_raise_a_typed_error_with_the_reason(raw, error, reason):
     with pytest.raises(error) as caught:

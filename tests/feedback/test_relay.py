@@ -1,4 +1,5 @@
 import threading
+from datetime import timedelta
 
 import pytest
 from prometheus_client import REGISTRY
@@ -6,6 +7,7 @@ from sqlalchemy import select
 
 from feedback.events import parse_event
 from feedback.relay import Relay
+from feedback.replay import replay
 from liveloop.tables import OutboxMessage
 from tests.feedback.helpers import rate_each, wait_until
 
@@ -36,14 +38,15 @@ def test_relay_publishes_in_order_and_marks_rows_sent_after_the_ack(sessions, ad
 
 def test_outbox_grows_while_kafka_is_down_and_drains_when_it_is_back(sessions, add_completion, kafka_settings,
                                                                      broker, read_topic):
-    settings = kafka_settings(kafka_request_timeout_ms=1_000, kafka_delivery_timeout_ms=1_500)
+    settings = kafka_settings(kafka_request_timeout_ms=1_000, kafka_delivery_timeout_ms=1_500, relay_max_attempts=1)
     relay = Relay(sessions, settings).start()
     published = REGISTRY.get_sample_value("liveloop_outbox_published_total")
     broker.stop()
     try:
         rate_each(sessions, settings, [add_completion() for _ in range(5)])  # the API side keeps working
-        wait_until(lambda: any(row.attempts > 0 for row in outbox(sessions)))
-        assert all(row.sent_at is None for row in outbox(sessions))
+        wait_until(lambda: all(row.last_error is not None for row in outbox(sessions)))
+        assert all(row.sent_at is None and row.parked_at is None for row in outbox(sessions))
+        assert all(row.attempts == 0 for row in outbox(sessions))  # an outage is not the rows' fault: none parks
         assert "KafkaTimeoutError" in outbox(sessions)[0].last_error
         assert relay.depth() == 5
     finally:
@@ -54,6 +57,30 @@ def test_outbox_grows_while_kafka_is_down_and_drains_when_it_is_back(sessions, a
     assert len({parse_event(r.value).event_id for r in read_topic(settings, settings.feedback_topic, 7)}) == 7
     assert REGISTRY.get_sample_value("liveloop_outbox_published_total") - published >= 7
     assert REGISTRY.get_sample_value("liveloop_outbox_depth") == 0
+
+
+def test_a_row_kafka_keeps_refusing_is_parked_and_the_rest_flow_on(sessions, add_completion, kafka_settings,
+                                                                    read_topic):
+    """An event over the producer's 1 MB request limit (a long conversation) is refused on its own: the rows
+    around it are sent, and after ``relay_max_attempts`` refusals it is parked with its error."""
+    settings = kafka_settings(relay_max_attempts=3)
+    huge = add_completion(messages=[{"role": "user", "content": "x" * 1_100_000}])
+    rated = rate_each(sessions, settings, [add_completion(), huge, add_completion()])
+    relay = Relay(sessions, settings).start()
+    try:
+        wait_until(lambda: relay.backlog() == (0, 1))
+        wait_until(lambda: REGISTRY.get_sample_value("liveloop_outbox_parked_rows") == 1)
+        rate_each(sessions, settings, [add_completion()])  # the relay goes on after parking
+        wait_until(lambda: relay.depth() == 0)
+    finally:
+        relay.stop()
+    parked = next(row for row in outbox(sessions) if row.key == huge)
+    assert (parked.sent_at, parked.attempts) == (None, 3) and parked.parked_at is not None
+    assert "MessageSizeTooLargeError" in parked.last_error
+    records = read_topic(settings, settings.feedback_topic, 3)
+    assert sorted(parse_event(r.value).feedback_id for r in records) == sorted(
+        [rated[0].id, rated[2].id] + [row.payload["feedback_id"] for row in outbox(sessions)[-1:]])
+    assert replay(sessions, settings, since=parked.created_at - timedelta(minutes=1)) == 3  # the parked row stays
 
 
 def test_concurrent_relays_never_publish_the_same_row(database_url, sessions, add_completion, kafka_settings,

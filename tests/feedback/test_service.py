@@ -13,6 +13,7 @@ from feedback.service import (
     InvalidFeedback,
     NotCompletionOwner,
     UnknownCompletion,
+    UnusableCompletion,
     record_batch,
     record_feedback,
 )
@@ -140,6 +141,29 @@ def test_one_batch_answers_every_request_on_its_own(sessions, add_completion):
     feedback, outbox = stored(sessions)
     assert [row.id for row in feedback] == [a.id, changed.id]
     assert [m.payload["feedback_id"] for m in outbox] == [a.id, changed.id]
+
+
+def test_a_rating_the_database_cannot_store_fails_alone(sessions, add_completion):
+    """A lone surrogate cannot be encoded for either database (PostgreSQL also refuses NUL): the batch is written
+    again one rating at a time, and only that rating fails."""
+    first, second = add_completion(), add_completion()
+    requests = [FeedbackRequest(first, "up", feedback_id="a"), FeedbackRequest(second, "up", comment="\ud800"),
+                FeedbackRequest(first, "down"), FeedbackRequest(second, "down", comment="fine")]
+    a, unstorable, changed, other = record_batch(sessions, requests)
+    assert isinstance(unstorable, InvalidFeedback) and "cannot store" in str(unstorable)
+    assert (a.revision, changed.revision, changed.supersedes, other.revision) == (1, 2, a.id, 1)
+    feedback, outbox = stored(sessions)
+    assert sorted(row.id for row in feedback) == sorted([a.id, changed.id, other.id])
+    assert sorted(m.payload["feedback_id"] for m in outbox) == sorted([a.id, changed.id, other.id])
+
+
+def test_a_completion_without_finite_log_probs_cannot_be_rated_and_fails_alone(sessions, add_completion):
+    """NaN behaviour log-probs are stored as null (orjson); such a completion cannot make a valid event."""
+    broken, good = add_completion(behaviour_logprobs=[None, -1.25]), add_completion()
+    unusable, recorded = record_batch(sessions, [FeedbackRequest(broken, "up"), FeedbackRequest(good, "up")])
+    assert type(unusable) is UnusableCompletion and "behaviour_logprobs.0" in str(unusable)
+    feedback, outbox = stored(sessions)
+    assert [row.id for row in feedback] == [recorded.id] and len(outbox) == 1
 
 
 def test_writer_answers_each_submission_from_group_commits(sessions, add_completion):

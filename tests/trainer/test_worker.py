@@ -27,7 +27,7 @@ from liveloop.model import load_base_model
 from liveloop.registry import Kind, Registry, State
 from liveloop.sampling import SamplingParams
 from liveloop.tables import Completion, ConsumedFeedback, OutboxMessage, utcnow
-from tests.feedback.helpers import rate_each, wait_until
+from tests.feedback.helpers import rate_each, read_topic, wait_until
 from trainer.heldout import GATES_SPLIT, is_heldout
 from trainer.policy import POLICY_ADAPTER
 from trainer.worker import Trainer
@@ -271,6 +271,56 @@ def test_reward_model_mode_trains_the_reward_model_and_updates_on_fresh_rollouts
     assert registry.get(candidate.name).reward_source == f"reward_model:{reward_versions[0].name}"
     prompts = len({tuple(e.prompt_token_ids) for e in events})
     assert candidate.metrics["samples"] == 4 * prompts and candidate.metrics["applied"] == 1.0  # k = 4 per prompt
+
+
+def _unusable_events(settings, template: FeedbackEvent) -> dict[str, bytes]:
+    """Expected dead-letter reason -> a message with it: valid events the trainer cannot use, and NaN log-probs
+    (written by Python's json; the schema refuses them)."""
+    fields = template.model_dump(mode="json")
+
+    def event(**overrides) -> bytes:
+        data = fields | {"event_id": uuid.uuid4().hex, "completion_id": f"chatcmpl-{uuid.uuid4().hex}"} | overrides
+        return json.dumps(data).encode()
+
+    logprobs, params = fields["behaviour_logprobs"], fields["sampling_params"]
+    return {
+        "token ids outside": event(prompt_token_ids=[10**6, *fields["prompt_token_ids"]]),
+        "exceed the context": event(prompt_token_ids=fields["prompt_token_ids"] * 600),
+        "empty prompt or response": event(response_token_ids=[], behaviour_logprobs=[]),
+        "log-probs must be finite and <= 0": event(behaviour_logprobs=[5.0] * len(logprobs)),
+        "temperature 'hot'": event(sampling_params=params | {"temperature": "hot"}),
+        "temperature 1e-40": event(sampling_params=params | {"temperature": 1e-40}),
+        "top_p 0": event(sampling_params=params | {"top_p": 0}),
+        "unexpected keyword argument 'temperatur'": event(sampling_params=params | {"temperatur": 0.7}),
+        "behaviour_logprobs.0": event(behaviour_logprobs=[float("nan")] * len(logprobs)),
+    }
+
+
+def test_events_the_trainer_cannot_use_are_dead_lettered_and_training_goes_on(trainer_settings):
+    """Each goes to the dead-letter topic with its reason and is recorded as consumed, the stored offsets cover
+    it, and the valid ratings around it are trained on."""
+    settings = trainer_settings()
+    good = _served_ratings(settings, 4)
+    unusable = _unusable_events(settings, good[0])
+    publisher = Publisher(settings, "test")
+    assert publisher.publish([Message(settings.feedback_topic, "bad", raw) for raw in unusable.values()]) \
+        == [None] * len(unusable)
+    publisher.close()
+    good += _served_ratings(settings, 4)
+    trainer, registry = _trainer(settings)
+    candidate = trainer.train(trainer.gather())
+    trainer.consumer.close()
+
+    assert sorted(registry.get(candidate.name).consumed_event_ids) == sorted(
+        e.event_id for e in good if not is_heldout(e.completion_id, settings.gate_holdout_fraction, split=GATES_SPLIT))
+    reasons = [dict(r.headers)["dlq.reason"].decode() for r in read_topic(settings, settings.feedback_dlq_topic,
+                                                                          len(unusable))]
+    assert len(reasons) == len(unusable)
+    assert all(any(expected in reason for reason in reasons) for expected in unusable), reasons
+    valid = {json.loads(raw)["event_id"] for reason, raw in unusable.items() if reason != "behaviour_logprobs.0"}
+    assert {e for e, (outcome, _) in _outcomes(trainer.sessions).items() if outcome == "dead_lettered"} == valid
+    stored = Ledger(trainer.sessions, settings.feedback_consumer_group).offsets(settings.feedback_topic)
+    assert sum(s.offset for s in stored.values()) == len(good) + len(unusable)  # every message accounted for
 
 
 def _env(settings, **extra) -> dict[str, str]:
