@@ -96,12 +96,18 @@ def _error_response(status: int, body: dict, headers: dict[str, str] | None = No
     return _ErrorJSON(body, status_code=status, headers=headers)
 
 
+def _is_union_tag(part: object) -> bool:
+    """pydantic locates the error of each type of a union under a tag naming the type ("str", "list[TextPart]")."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool"))
+
+
 def _describe_validation(exc: RequestValidationError) -> tuple[int, str, str | None]:
-    errors = exc.errors()
+    # the deepest error first: of a union's types, it names the one the value came closest to
+    errors = sorted(exc.errors(), key=lambda error: -len(error.get("loc", ())))
     first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
     if first.get("type") == "json_invalid":
         return 400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}", None
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    location = [str(part) for part in first.get("loc", ()) if part != "body" and not _is_union_tag(part)]
     param = ".".join(location) or None
     message = first["msg"] + (f" (at {param})" if param else "")
     if len(errors) > 1:
