@@ -17,6 +17,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from peft import PeftModel
 
+# The smallest temperature above 0 (greedy). Tiny ones overflow logits / T in float32 (1e-40: inf logits, NaN
+# log-probs); vLLM raises any temperature below 1e-2 to 1e-2, and so does the API.
+MIN_TEMPERATURE = 0.01
+# What ``SamplingParams.seed`` may be: torch's generators take a 64-bit seed.
+SEED_RANGE = (-(2**63), 2**63 - 1)
+
 # Top-p looks at this many best tokens first; rows whose nucleus is wider fall back to a full sort.
 _NUCLEUS_CANDIDATES = 1024
 

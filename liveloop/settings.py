@@ -68,6 +68,12 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=1, description="Requests waiting beyond the running batch; more get 429.")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
     max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
+    max_stop_chars: int = Field(
+        256, ge=1, description="Longest stop string a request may give (text that may start one is held back)."
+    )
+    tokenize_threads: int = Field(
+        2, ge=1, description="Threads that apply the chat template and tokenise prompts, off the event loop."
+    )
 
     # --- feedback ------------------------------------------------------------------------------------
     kafka_bootstrap: str = Field(

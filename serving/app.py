@@ -17,7 +17,7 @@ from liveloop.registry import open_registry
 from liveloop.settings import Settings
 from serving.chat import ChatService
 from serving.engine import Engine
-from serving.errors import DeclaredBodyLimit, install_error_handlers
+from serving.errors import ClientGone, DeclaredBodyLimit, DrainUnreadBody, install_error_handlers
 from serving.hotswap import AdapterWatcher
 from serving.observability import RequestObservability, metrics_endpoint
 from serving.routers import admin, chat, health, models, page
@@ -27,13 +27,19 @@ from serving.store import CompletionStore
 
 log = logging.getLogger(__name__)
 
+# A refused body up to this multiple of the limit is read (and thrown away) so its client can read the 413.
+_DRAIN_BODIES_UP_TO = 16
+
 
 def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="liveloop", version="0.1.0", lifespan=_lifespan)
     app.state.settings = settings
     app.state.users_by_key = settings.users_by_key
     install_error_handlers(app)
+    # the last added runs first
     app.add_middleware(DeclaredBodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(DrainUnreadBody, max_bytes=_DRAIN_BODIES_UP_TO * settings.max_body_bytes)
+    app.add_middleware(ClientGone)
     # routes are matched in order: the busiest endpoints first
     for router in (feedback_routes.router, chat.router, models.router, health.router, admin.router, page.router):
         app.include_router(router, max_body_size=settings.max_body_bytes)

@@ -14,13 +14,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import anyio
+from starlette.requests import ClientDisconnect
 from transformers import PreTrainedTokenizerBase
 
 from liveloop.logs import bind_log_context
 from liveloop.sampling import SamplingParams
 from liveloop.settings import Settings
-from serving.engine import Engine, EngineFull, GenerationRequest, GenerationResult, RequestStream
-from serving.errors import APIError, BadRequest, Overloaded
+from serving.engine import Engine, EngineError, GenerationRequest, GenerationResult, RequestStream
+from serving.errors import APIError, BadRequest, engine_error
 from serving.protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -66,24 +68,31 @@ class ChatService:
                  adapters: AdapterSet, store: CompletionStore, settings: Settings):
         self.engine, self.tokenizer, self.context_length = engine, tokenizer, context_length
         self.adapters, self.store, self.settings = adapters, store, settings
+        # a prompt of up to a megabyte takes a while to template and tokenise: never on the event loop, and on a
+        # bounded number of threads however many arrive at once
+        self._tokenizing = anyio.CapacityLimiter(settings.tokenize_threads)
 
-    def start(self, request: ChatCompletionRequest, *, user_id: str | None) -> PendingCompletion:
-        """Validate, tokenize, pin the adapter version and submit; every refusal happens here, before streaming."""
+    async def start(self, request: ChatCompletionRequest, *, user_id: str | None) -> PendingCompletion:
+        """Validate, tokenize, pin the adapter version and submit; every refusal happens here, before streaming.
+        The engine's refusals (``EngineError``) are left to the error mapper."""
         # the API key's identity, so that a client cannot pick its canary slice through `user`; that field only
         # identifies users of an open API (no keys configured), as liveloop.registry.user_identity counts them
         resolved = self.adapters.resolve(request.model, user_id if user_id is not None else request.user)
-        prompt_ids = self._prompt_ids(request)
+        self._check_stop(request)
+        prompt_ids = await anyio.to_thread.run_sync(self._prompt_ids, request, limiter=self._tokenizing)
         params = request.sampling_params(self._max_tokens(request, len(prompt_ids)))
-        try:
-            stream = self.engine.submit(GenerationRequest(prompt_ids=prompt_ids, params=params,
-                                                          adapter=resolved.adapter))
-        except EngineFull as exc:
-            raise Overloaded("The server is at capacity; retry shortly.", headers={"Retry-After": "1"}) from exc
+        stream = self.engine.submit(GenerationRequest(prompt_ids=prompt_ids, params=params, adapter=resolved.adapter))
         completion_id = new_completion_id()
         bind_log_context(completion_id=completion_id, version=resolved.served_name,
                          user=user_id if user_id is not None else request.user)
         return PendingCompletion(completion_id, request, resolved.served_name, prompt_ids, params, stream,
                                  user_id, time.perf_counter(), int(time.time()))
+
+    def _check_stop(self, request: ChatCompletionRequest) -> None:
+        longest = max(map(len, request.stop_strings()), default=0)
+        if longest > self.settings.max_stop_chars:
+            raise BadRequest(f"a stop sequence is {longest} characters; at most {self.settings.max_stop_chars} are "
+                             "allowed", param="stop")
 
     def _prompt_ids(self, request: ChatCompletionRequest) -> list[int]:
         messages = [message.template_dict() for message in request.messages]
@@ -136,12 +145,11 @@ class ChatService:
                 yield _sse(chunk.model_dump_json())
             yield _sse("[DONE]")
         except Exception as exc:
-            log.exception("error while streaming %s", gen.id)
-            detail = exc.body()["error"] if isinstance(exc, APIError) else ErrorDetail(
-                message="internal error while generating", type="server_error").model_dump()
-            yield _sse(json.dumps(ErrorResponse(error=detail).model_dump()))
+            yield _sse(json.dumps(_stream_error(gen, exc).model_dump()))
             yield _sse("[DONE]")
         finally:
+            if not gen.stream.done:
+                log.info("client disconnected from the stream of %s", gen.id)
             gen.stream.cancel()  # no-op once finished; frees the slot when the client went away
 
     def _chunk(self, gen: PendingCompletion, delta: Delta, *, logprobs: ChoiceLogprobs | None = None,
@@ -179,10 +187,21 @@ async def _result_unless_disconnected(stream: RequestStream, is_disconnected: Ca
                 return result.result()
             if await is_disconnected():
                 stream.cancel()
-                raise asyncio.CancelledError("client disconnected")
+                raise ClientDisconnect()
     finally:
         if not result.done():
             result.cancel()
+
+
+def _stream_error(gen: PendingCompletion, exc: Exception) -> ErrorResponse:
+    """The error event that ends a stream: the status the same error would have had before streaming began."""
+    if isinstance(exc, EngineError):
+        exc = engine_error(exc)
+    if isinstance(exc, APIError):
+        log.warning("stream %s ended early: %s", gen.id, exc.message)
+        return ErrorResponse(**exc.body())
+    log.exception("error while streaming %s", gen.id, exc_info=exc)
+    return ErrorResponse(error=ErrorDetail(message="internal error while generating", type="server_error"))
 
 
 def _usage(result: GenerationResult) -> Usage:

@@ -22,6 +22,7 @@ exactly the distribution sampled from.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from concurrent.futures import Future
@@ -32,6 +33,7 @@ import torch
 
 from liveloop.engine.model_runner import ModelRunner
 from liveloop.model import LoadedModel
+from liveloop.sampling import MIN_TEMPERATURE, SEED_RANGE
 from serving import metrics
 from serving.adapter_table import AdapterTable
 from serving.detokenize import IncrementalText
@@ -148,7 +150,7 @@ class Engine:
             slot = self._adapters.pin(request.adapter)
             try:
                 self._scheduler.add(ServedSequence(request, stream, text, slot=slot, on_done=self._done))
-            except EngineFull:
+            except BaseException:
                 self._adapters.unpin(request.adapter)
                 raise
         return stream
@@ -162,8 +164,11 @@ class Engine:
             (any(not (isinstance(t, int) and 0 <= t < self._vocab_size) for t in prompt),
              f"prompt ids must be integers in [0, {self._vocab_size})"),
             (params.max_tokens < 1, "max_tokens must be at least 1"),
-            (params.temperature < 0, "temperature must be >= 0"),
+            (not (params.temperature == 0 or MIN_TEMPERATURE <= params.temperature < math.inf),
+             f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}"),
             (not 0 < params.top_p <= 1, "top_p must be in (0, 1]"),
+            (params.seed is not None and not SEED_RANGE[0] <= params.seed <= SEED_RANGE[1],
+             "seed must be a 64-bit integer"),
             (any(not s for s in params.stop), "stop strings must not be empty"),
         ]
         for failed, message in problems:

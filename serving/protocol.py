@@ -6,25 +6,43 @@ liveloop adds to the OpenAI shapes is grouped in one marked block per model.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from liveloop.sampling import SamplingParams
+from liveloop.sampling import MIN_TEMPERATURE, SEED_RANGE, SamplingParams
+
+# JSON's \u escapes can spell a lone surrogate, which no UTF-8 response or database can hold, and NUL, which
+# PostgreSQL's text cannot: a string field that held either would fail later, inside the server.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _storable(value: object) -> object:
+    """Check a string, or the strings of a list (the alternatives of a union are checked after it, so that an
+    error names the field, not one alternative)."""
+    for text in [value] if isinstance(value, str) else value if isinstance(value, list) else []:
+        if isinstance(text, str) and _UNSTORABLE.search(text):
+            raise ValueError("must not contain NUL characters or lone UTF-16 surrogates")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_storable)]
+"""Every string field of a request body: text a UTF-8 response and the database can hold."""
 
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Annotated[str | list[TextPart], AfterValidator(_storable)]
+    name: Text | None = None
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
@@ -43,19 +61,22 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    model: str
+    model: Text
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=0, description="Only 0 is supported.")
     max_completion_tokens: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI in favour of max_completion_tokens.")
     n: int = Field(1, ge=1, le=1, description="One choice per request.")
-    seed: int | None = None
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1], description="A 64-bit integer.")
+    stop: Annotated[str | Annotated[list[str], Field(max_length=4)] | None, AfterValidator(_storable)] = Field(
+        None, description="Up to 4 strings; each at most LIVELOOP_MAX_STOP_CHARS characters.")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    user: str | None = Field(None, max_length=256)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False, description=(
+        f"0 is greedy; a temperature between 0 and {MIN_TEMPERATURE} is raised to {MIN_TEMPERATURE}, as vLLM does "
+        "(far smaller ones overflow the scaled logits)."))
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    user: Text | None = Field(None, max_length=256)
 
     @field_validator("messages")
     @classmethod
@@ -75,9 +96,12 @@ class ChatCompletionRequest(BaseModel):
         return self.max_completion_tokens or self.max_tokens
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_tokens=max_tokens,
-                              seed=self.seed, stop=stop)
+        temperature = self.temperature and max(self.temperature, MIN_TEMPERATURE)  # 0 stays greedy
+        return SamplingParams(temperature=temperature, top_p=self.top_p, max_tokens=max_tokens, seed=self.seed,
+                              stop=self.stop_strings())
+
+    def stop_strings(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
 
 class Usage(BaseModel):

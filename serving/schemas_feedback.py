@@ -7,18 +7,19 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from feedback.service import RecordedFeedback
+from serving.protocol import Text
 
 
 class FeedbackCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    completion_id: str = Field(min_length=1, max_length=64, description="The `id` of the chat completion rated.")
+    completion_id: Text = Field(min_length=1, max_length=64, description="The `id` of the chat completion rated.")
     rating: Literal["up", "down"]
-    feedback_id: str | None = Field(
+    feedback_id: Text | None = Field(
         None, min_length=1, max_length=200,
         description="Client idempotency key: sending it again returns the first answer and records nothing new.",
     )
-    comment: str | None = Field(None, description="Free text, at most LIVELOOP_FEEDBACK_COMMENT_MAX_CHARS characters.")
+    comment: Text | None = Field(None, description="Free text, at most LIVELOOP_FEEDBACK_COMMENT_MAX_CHARS characters.")
 
 
 class FeedbackPublic(BaseModel):

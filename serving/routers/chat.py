@@ -9,12 +9,12 @@ from serving.protocol import ChatCompletion, ChatCompletionRequest, ErrorRespons
 router = APIRouter(prefix="/v1", tags=["chat"])
 
 VERSION_HEADER = "X-Liveloop-Model-Version"
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503)}
 
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
 async def create_chat_completion(body: ChatCompletionRequest, chat: ChatDep, user: UserDep, request: Request):
-    generation = chat.start(body, user_id=user)
+    generation = await chat.start(body, user_id=user)
     headers = {VERSION_HEADER: generation.served_name}
     if body.stream:
         return StreamingResponse(chat.sse(generation), media_type="text/event-stream",

@@ -7,17 +7,19 @@ from contextlib import contextmanager
 
 import pytest
 import uvicorn
+from fastapi import FastAPI
 
 from liveloop.settings import Settings
 from serving.app import create_app
 
 
 @contextmanager
-def running_server(settings: Settings) -> Iterator[str]:
-    """The real app under uvicorn on a free loopback port, in a thread; yields its base URL."""
+def running_server(settings: Settings, app: FastAPI | None = None) -> Iterator[str]:
+    """The real app (``create_app(settings)`` unless given) under uvicorn on a free loopback port, in a thread;
+    yields its base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app or create_app(settings), log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

@@ -171,6 +171,10 @@ def test_full_queue_refuses_new_requests_until_one_is_admitted(make_engine, tiny
     ([1, 10**6], {}, "prompt ids"),
     ([1, 2], {"max_tokens": 0}, "max_tokens"),
     ([1, 2], {"temperature": -1.0}, "temperature"),
+    ([1, 2], {"temperature": 1e-40}, "temperature"),
+    ([1, 2], {"temperature": float("nan")}, "temperature"),
+    ([1, 2], {"temperature": float("inf")}, "temperature"),
+    ([1, 2], {"seed": 2**70}, "seed"),
     ([1, 2], {"top_p": 0.0}, "top_p"),
     ([1, 2], {"stop": ("",)}, "stop"),
 ])
