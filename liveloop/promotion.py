@@ -3,7 +3,8 @@
 Policy (``promotion_policy``):
 - ``auto``: a version that passes the gates starts a canary, or is promoted at once when ``canary_fraction`` is
   0. A canary waits until the version's lineage has trained on ``canary_min_trained_ratings``. While a canary
-  runs, later approved versions wait; when it ends, the newest one newer than the live version goes next.
+  runs, later approved versions wait; when it ends, the newest one newer than the live version goes next. A
+  canary still undecided after ``canary_supersede_ratings`` gives way to a newer approved version trained from it.
 - ``manual``: approved versions wait for an engineer (``liveloop adapters promote V``).
 
 Canary: users for whom ``in_canary(user, canary, fraction)`` holds are served the canary, everyone else the live
@@ -198,6 +199,7 @@ class Promoter:
         rule = CanaryRule.from_settings(self.settings)
         outcome = Outcome(canary_outcome(new.up, new.n, live.up, live.n, rule, collected).item())
         if outcome is Outcome.CONTINUE:
+            self._supersede(canary, collected)
             return
         details = {**_counts(new, live), "collected": collected, "live": routing.live, "outcome": outcome.value,
                    "log_lr": _log_lr(new, live, rule.effect), "bounds": list(rule.bounds), "alpha": rule.alpha,
@@ -210,6 +212,23 @@ class Promoter:
         else:
             self.registry.reject(canary.name, actor=CANARY_ACTOR, reason=reason, details=details,
                                  expect=State.CANARY)
+        log.info("canary %s: %s", canary.name, reason)
+
+    def _supersede(self, canary: AdapterVersion, collected: int) -> None:
+        """Reject a canary undecided after ``canary_supersede_ratings`` when a newer approved version was trained
+        from it: a canary only slightly better than live takes up to ``canary_max_ratings`` to decide, while the
+        versions behind it, trained further, wait. ``_start_next`` then starts the newest of them."""
+        limit = self.settings.canary_supersede_ratings
+        if not limit or collected < limit:
+            return
+        newer = [v for v in self.registry.versions(kind=self.kind, states=[State.APPROVED])
+                 if _utc(v.created_at) > _utc(canary.created_at)
+                 and canary.name in {a.name for a in self.registry.ancestry(v.name)}]
+        if not newer:
+            return
+        reason = f"undecided after {collected} ratings while {newer[0].name}, trained further from it, waited"
+        self.registry.reject(canary.name, actor=CANARY_ACTOR, reason=reason, expect=State.CANARY,
+                             details={"collected": collected, "superseded_by": newer[0].name, "limit": limit})
         log.info("canary %s: %s", canary.name, reason)
 
     def _watch_rollback(self, now: datetime) -> None:

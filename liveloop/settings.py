@@ -226,6 +226,12 @@ class Settings(BaseSettings):
         1600, ge=2,
         description="Ratings of both sides together after which a canary still undecided is rejected (no evidence).",
     )
+    canary_supersede_ratings: int = Field(
+        400, ge=0,
+        description="Ratings (both sides) after which a canary still undecided gives way to a newer approved version "
+        "trained further from it (0: never). The canary slot is the loop's bottleneck; abandoning an undecided "
+        "test promotes nothing.",
+    )
     max_ratings_per_user: int = Field(
         200, ge=1,
         description="Most ratings one user counts for per side of a canary or rollback decision (the first ones).",

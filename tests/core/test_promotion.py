@@ -223,6 +223,27 @@ def test_the_next_approved_version_starts_its_canary_when_one_ends(registry, mak
     assert (registry.get("second").state, registry.get("third").state) == ("approved", "canary")  # newest first
 
 
+def test_an_undecided_canary_gives_way_to_a_newer_version_trained_from_it(registry, make_adapter_dir, promoter,
+                                                                           rate):
+    approve(registry, make_adapter_dir, "first")
+    promoter().after_gates("first")
+    approve(registry, make_adapter_dir, "other", seed=1)  # newer, but not trained from the canary
+    rate("first", up=12, down=28)
+    rate(None, up=10, down=30)  # 80 ratings, about equal: no decision
+    promoter(canary_supersede_ratings=80).tick()
+    assert registry.get("first").state == "canary"  # nothing newer descends from it
+    approve(registry, make_adapter_dir, "second", seed=2, parent="first")
+    promoter(canary_supersede_ratings=81).tick()
+    assert registry.get("first").state == "canary"  # not yet at the limit
+    promoter(canary_supersede_ratings=0).tick()
+    assert registry.get("first").state == "canary"  # 0: never
+    promoter(canary_supersede_ratings=80).tick()
+    decision = registry.audit("first")[0]
+    assert decision.to_state == "rejected" and decision.details["superseded_by"] == "second"
+    assert "undecided after 80 ratings" in decision.reason
+    assert registry.get("second").state == "canary" and registry.get("other").state == "approved"
+
+
 def promote_over(registry, make_adapter_dir, rate, *, before: tuple[int, int], after: tuple[int, int]):
     """'old' live for an hour with ``before`` ratings, then 'new' promoted and rated ``after``."""
     approve(registry, make_adapter_dir, "old")
