@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 from datetime import datetime
 
@@ -17,7 +16,6 @@ def _kafka_settings() -> Settings:
     from liveloop.cli import _settings
 
     settings = _settings()
-    logging.getLogger("kafka").setLevel(logging.WARNING)  # the client logs every connection at INFO
     if not settings.kafka_bootstrap:
         typer.echo("LIVELOOP_KAFKA_BOOTSTRAP is not set: point it at the Kafka the trainer reads "
                    "(for development, start one with 'liveloop broker').", err=True)
