@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
 
 import typer
 
@@ -38,6 +39,14 @@ def _settings() -> Settings:
     except ValueError as exc:  # pydantic's ValidationError is one; the messages name the variables
         typer.echo(f"invalid settings: {exc}", err=True)
         raise typer.Exit(2) from None
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """What stops a long-running command: Ctrl-C, ``kill``, and a closed terminal (unless under nohup, which set
+    SIGHUP ignored). Commands with children in sessions of their own handle all of them, or the children would
+    outlive them."""
+    hangup = () if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else (signal.SIGHUP,)
+    return (signal.SIGINT, signal.SIGTERM, *hangup)
 
 
 def refuse_open(settings: Settings, host: str) -> None:

@@ -34,13 +34,19 @@ def up() -> None:
     with its outbox relay, and the trainer; SQLite under ./var and the packaged model by default."""
     from feedback.broker import resolved_kafka
     from feedback.kafka import ensure_topics
-    from liveloop.cli import _settings, refuse_open
+    from liveloop.cli import _settings, refuse_open, stop_signals
     from liveloop.db import migrate
     from liveloop.model import prepare_base_model
     from serving.app import create_app
 
     settings = _settings()
     refuse_open(settings, settings.host)
+
+    def interrupt(signum, frame) -> None:
+        raise KeyboardInterrupt
+
+    for signum in stop_signals():  # until uvicorn takes over: start-up is cut short, and stops what it started
+        signal.signal(signum, interrupt)
     migrate(settings.resolved_database_url)  # once, before two processes would race to do it
     prepare_base_model(settings)
     # two busy processes on one machine: each gets its own share of the cores (torch's default, every core for
@@ -65,7 +71,7 @@ def up() -> None:
 
 
 class _OrderedServer(uvicorn.Server):
-    """uvicorn that calls ``on_ready`` once it listens, and at the first SIGINT or SIGTERM runs ``before_exit``
+    """uvicorn that calls ``on_ready`` once it listens, and at the first stop signal runs ``before_exit``
     (in a thread: the event loop keeps serving) before it begins its own shutdown; a second signal begins it at
     once. Unlike uvicorn's own, it does not raise the signal again once stopped, which would end ``up`` with a
     KeyboardInterrupt before it stopped the broker."""
@@ -82,7 +88,9 @@ class _OrderedServer(uvicorn.Server):
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
-        handlers = {signum: signal.signal(signum, self.handle_exit) for signum in (signal.SIGINT, signal.SIGTERM)}
+        from liveloop.cli import stop_signals
+
+        handlers = {signum: signal.signal(signum, self.handle_exit) for signum in stop_signals()}
         try:
             yield
         finally:
