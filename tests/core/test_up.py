@@ -168,7 +168,7 @@ def test_ctrl_c_stops_the_trainer_then_the_api_then_the_broker_quietly(up_settin
     wait_until(lambda: "training a fresh adapter" in log_path.read_text(), timeout_s=60)  # its handlers are set
     interrupted = time.monotonic()
     assert up.interrupt() == 0
-    assert time.monotonic() - interrupted < 10
+    assert time.monotonic() - interrupted < 15  # the trainer gets 10 s to finish its step, then is killed
     output = log_path.read_text()
     assert "Traceback" not in output and "Aborted" not in output, output
     assert " INFO kafka" not in output  # third-party libraries speak at WARNING
