@@ -32,6 +32,7 @@ RUN liveloop prepare-model && mkdir -p /var/lib/liveloop && chown liveloop /var/
 USER liveloop
 VOLUME /var/lib/liveloop
 EXPOSE 8000
+# The API's check (`serve`, the default command); infra/docker-compose.yml gives the other roles checks of their own.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"
 ENTRYPOINT ["liveloop"]

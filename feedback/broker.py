@@ -116,6 +116,7 @@ class EmbeddedBroker:
             log.warning("Tansu did not stop within %.0f s; killing it", timeout_s)
             process.kill()
             process.wait()
+        log.info("embedded Kafka broker stopped")
 
     def wait(self) -> int:
         """Block until the broker exits (the ``liveloop broker`` command); returns its exit code."""

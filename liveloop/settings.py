@@ -7,17 +7,51 @@ start-up with a message naming the variable.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+ADMIN_TOKEN_MIN_CHARS = 32
 
 
 def _split_csv(value: object) -> object:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
     return value
+
+
+class UnknownVariables(PydanticBaseSettingsSource):
+    """Refuses a ``LIVELOOP_*`` variable, in the environment or the ``.env`` file, that names no setting: the
+    default is to ignore it, and a misspelt ``LIVELOOP_API_KEY`` would then leave the API open."""
+
+    def __init__(self, settings_cls: type[BaseSettings], *sources: EnvSettingsSource):
+        super().__init__(settings_cls)
+        self._sources = sources
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # contributes no values; __call__ only checks
+
+    def __call__(self) -> dict[str, Any]:
+        prefix = self.config["env_prefix"].upper()
+        known = [prefix + name.upper() for name in self.settings_cls.model_fields]
+        unknown = sorted({name.upper() for source in self._sources for name in source.env_vars
+                          if name.upper().startswith(prefix) and name.upper() not in known})
+        if unknown:
+            guesses = [f"{name} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(name, known, 1))
+                       else name for name in unknown]
+            raise ValueError(f"unknown setting{'s' if len(unknown) > 1 else ''}: {', '.join(guesses)}; "
+                             "liveloop/settings.py lists every LIVELOOP_ variable")
+        return {}
 
 
 class Settings(BaseSettings):
@@ -57,9 +91,17 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Comma-separated end-user keys, each 'key' or 'user:key'. Empty leaves the API open.",
+        description="Comma-separated end-user keys, each 'user:key' or 'key' (its user is then named by a hash of "
+        "the key). Empty leaves the API open, which `serve` and `up` refuse on a non-loopback host.",
     )
-    admin_token: SecretStr | None = Field(None, description="Bearer token for /admin; unset disables /admin.")
+    allow_open: bool = Field(
+        False, description="Serve without API keys on a non-loopback host (anyone who reaches it may chat and rate)."
+    )
+    admin_token: SecretStr | None = Field(
+        None, description=f"Bearer token for /admin, at least {ADMIN_TOKEN_MIN_CHARS} characters (e.g. `openssl "
+        "rand -hex 32`); unset disables /admin.",
+    )
+    access_log: bool = Field(False, description="Log every HTTP request at INFO (uvicorn's access log).")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Request bodies above this are refused (413).")
     model_alias: str = Field("liveloop", description="Model name that always means the live adapter version.")
 
@@ -261,6 +303,16 @@ class Settings(BaseSettings):
         30.0, ge=0, description="Versions out of the routing (live, canary, previous) this long are unloaded."
     )
 
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = [source for source in (env_settings, dotenv_settings) if isinstance(source, EnvSettingsSource)]
+        return (UnknownVariables(settings_cls, *sources), init_settings, env_settings, dotenv_settings,
+                file_secret_settings)
+
     @property
     def resolved_artifact_dir(self) -> Path:
         return self.artifact_dir or self.data_dir / "adapters"
@@ -269,6 +321,21 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_keys(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, value: list[str]) -> list[str]:
+        if any(sep and not (user and key) for user, sep, key in (entry.partition(":") for entry in value)):
+            raise ValueError("each LIVELOOP_API_KEYS entry is 'user:key' (both non-empty) or 'key'")
+        return value
+
+    @field_validator("admin_token")
+    @classmethod
+    def _check_admin_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < ADMIN_TOKEN_MIN_CHARS:
+            raise ValueError(f"LIVELOOP_ADMIN_TOKEN must have at least {ADMIN_TOKEN_MIN_CHARS} characters "
+                             "(e.g. `openssl rand -hex 32`)")
+        return value
 
     @model_validator(mode="after")
     def _check_kafka_timeouts(self) -> Settings:
@@ -297,12 +364,3 @@ class Settings(BaseSettings):
     @property
     def resolved_model_cache_dir(self) -> Path:
         return self.model_cache_dir or self.data_dir / "models"
-
-    @property
-    def users_by_key(self) -> dict[str, str]:
-        """API key → user identity stored with completions (the key's own prefix when no user is named)."""
-        keys: dict[str, str] = {}
-        for entry in self.api_keys:
-            user, sep, key = entry.partition(":")
-            keys[key if sep else user] = user if sep else f"key-{user[:6]}"
-        return keys

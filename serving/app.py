@@ -15,6 +15,7 @@ from liveloop.db import make_sessionmaker, open_database
 from liveloop.model import load_base_model
 from liveloop.registry import open_registry
 from liveloop.settings import Settings
+from serving.api_keys import ApiKeys
 from serving.chat import ChatService
 from serving.engine import Engine
 from serving.errors import ClientGone, DeclaredBodyLimit, DrainUnreadBody, install_error_handlers
@@ -34,7 +35,7 @@ _DRAIN_BODIES_UP_TO = 16
 def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="liveloop", version="0.1.0", lifespan=_lifespan)
     app.state.settings = settings
-    app.state.users_by_key = settings.users_by_key
+    app.state.api_keys = ApiKeys(settings.api_keys)
     install_error_handlers(app)
     # the last added runs first
     app.add_middleware(DeclaredBodyLimit, max_bytes=settings.max_body_bytes)

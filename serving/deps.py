@@ -8,6 +8,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from liveloop.settings import Settings
+from serving.api_keys import ApiKeys
 from serving.chat import ChatService
 from serving.errors import Unauthorized
 
@@ -31,15 +32,16 @@ def bearer_token(request: Request) -> str | None:
 
 async def get_user(request: Request) -> str | None:
     """The identity of the caller's API key; None when no keys are configured (the open embedded default)."""
-    users_by_key: dict[str, str] = request.app.state.users_by_key
-    if not users_by_key:
+    api_keys: ApiKeys = request.app.state.api_keys
+    if not api_keys:
         return None
     token = bearer_token(request)
     if token is None:
         raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
-    if token not in users_by_key:
+    user = api_keys.identify(token)
+    if user is None:
         raise Unauthorized("Incorrect API key provided.")
-    return users_by_key[token]
+    return user
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

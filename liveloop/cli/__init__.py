@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import ipaddress
+import logging
+import signal
+
 import typer
 
 from liveloop.cli import adapter_commands
 from liveloop.cli import feedback as feedback_commands
 from liveloop.cli import simulate as simulate_commands
 from liveloop.cli import trainer as trainer_commands
+from liveloop.cli import up as up_commands
 from liveloop.logs import configure_logging
 from liveloop.settings import Settings
 
@@ -17,80 +22,63 @@ app.add_typer(db_app, name="db")
 app.add_typer(feedback_commands.app)  # relay, replay, broker
 app.add_typer(adapter_commands.app, name="adapters")  # list, show, promote, reject, rollback, diff
 app.add_typer(trainer_commands.app)  # train
+app.add_typer(up_commands.app)  # up
 app.add_typer(simulate_commands.app)  # simulate, simulate-base-rates, simulate-plot
 
 
+# Libraries whose INFO lines (every Kafka connection, every migration context) drown what liveloop says.
+QUIET_LIBRARIES = ("kafka", "alembic", "httpx", "httpcore", "urllib3", "filelock")
+
+
 def _settings() -> Settings:
-    settings = Settings()
+    """The settings read and logging set up; invalid or unknown LIVELOOP_ variables end the command (exit 2)."""
+    try:
+        settings = Settings()
+    except ValueError as exc:  # pydantic's ValidationError is one; the messages name the variables
+        typer.echo(f"invalid settings: {exc}", err=True)
+        raise typer.Exit(2) from None
     configure_logging(settings.log_format)
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)
     return settings
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """What stops a long-running command: Ctrl-C, ``kill``, and a closed terminal (unless under nohup, which set
+    SIGHUP ignored). Commands with children in sessions of their own handle all of them, or the children would
+    outlive them."""
+    hangup = () if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else (signal.SIGHUP,)
+    return (signal.SIGINT, signal.SIGTERM, *hangup)
+
+
+def refuse_open(settings: Settings, host: str) -> None:
+    """An API without keys answers anyone who reaches it: it listens beyond loopback only when asked to."""
+    if settings.api_keys or settings.allow_open or _is_loopback(host):
+        return
+    typer.echo(f"refusing to serve on {host} without API keys: set LIVELOOP_API_KEYS (user:key,...), or "
+               f"LIVELOOP_ALLOW_OPEN=true to let anyone who reaches {host} chat and rate", err=True)
+    raise typer.Exit(2)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: only localhost is known to stay on this machine
+        return host == "localhost"
 
 
 @app.command()
 def serve(host: str = typer.Option(None, help="Default: LIVELOOP_HOST."),
           port: int = typer.Option(None, help="Default: LIVELOOP_PORT.")) -> None:
     """Run the API alone, as a production replica does."""
+    settings = _settings()
+    refuse_open(settings, host or settings.host)
     import uvicorn
 
     from serving.app import create_app
 
-    settings = _settings()
-    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_config=None)
-
-
-@app.command()
-def up() -> None:
-    """Run the whole loop on one machine: broker (embedded unless LIVELOOP_KAFKA_BOOTSTRAP is set), the API
-    with its outbox relay, and the trainer; SQLite under ./var and the packaged model by default."""
-    import os
-    import subprocess
-    import sys
-
-    from feedback.broker import resolved_kafka
-    from feedback.kafka import ensure_topics
-    from liveloop.db import migrate
-    from liveloop.model import prepare_base_model
-    from serving.app import create_app
-
-    settings = _settings()
-    migrate(settings.resolved_database_url)  # once, before two processes would race to do it
-    prepare_base_model(settings)
-    # two busy processes on one machine: each gets its own share of the cores (torch's default, every core for
-    # each, oversubscribes them; the trainer then ran at an eighth of its speed alone)
-    cores = os.cpu_count() or 1
-    train_threads = settings.torch_threads or max(1, cores // 2)
-    settings = settings.model_copy(update={"torch_threads": settings.torch_threads or max(1, cores - train_threads)})
-    # Ctrl-C signals the terminal's whole process group; the trainer and the broker run in sessions of their own,
-    # so that they stop in order: the trainer first (told as the API begins its shutdown), the broker last
-    with resolved_kafka(settings) as settings:
-        ensure_topics(settings)
-        env = {**os.environ, "LIVELOOP_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-               "LIVELOOP_TORCH_THREADS": str(train_threads)}
-        trainer = subprocess.Popen([sys.executable, "-m", "liveloop", "train"], env=env, start_new_session=True)
-        try:
-            _serve(create_app(settings), settings, on_exit=trainer.terminate)
-        finally:  # the trainer finishes its step; killed, it loses nothing either (see trainer.worker)
-            trainer.terminate()
-            try:
-                trainer.wait(10)
-            except subprocess.TimeoutExpired:
-                trainer.kill()
-                trainer.wait()
-
-
-def _serve(app, settings: Settings, *, on_exit) -> None:
-    """uvicorn until SIGINT/SIGTERM, calling ``on_exit`` first when one arrives."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None))
-    api_exit = server.handle_exit
-
-    def handle_exit(sig, frame) -> None:
-        on_exit()
-        api_exit(sig, frame)
-
-    server.handle_exit = handle_exit
-    server.run()
+    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_config=None,
+                access_log=settings.access_log)
 
 
 @app.command("prepare-model")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 from datetime import datetime
 
@@ -17,7 +16,6 @@ def _kafka_settings() -> Settings:
     from liveloop.cli import _settings
 
     settings = _settings()
-    logging.getLogger("kafka").setLevel(logging.WARNING)  # the client logs every connection at INFO
     if not settings.kafka_bootstrap:
         typer.echo("LIVELOOP_KAFKA_BOOTSTRAP is not set: point it at the Kafka the trainer reads "
                    "(for development, start one with 'liveloop broker').", err=True)
@@ -65,20 +63,25 @@ def broker(port: int = typer.Option(9092, help="Loopback port to listen on.")) -
     """Run the embedded Kafka-compatible broker (Tansu, memory only) in the foreground until Ctrl-C."""
     from feedback.broker import EmbeddedBroker
     from feedback.kafka import ensure_topics
-    from liveloop.cli import _settings
+    from liveloop.cli import _settings, stop_signals
 
     settings = _settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # Tansu runs in a session of its own: every stop signal is handled, or Tansu would outlive us; SIGINT too,
+    # explicitly (under nohup or a background job it arrives ignored)
+    handled = stop_signals()
 
-    def stop(signum, frame) -> None:  # set explicitly: under nohup or a background job SIGINT arrives ignored
+    def stop(signum, frame) -> None:
+        for stop_signal in handled:  # one stop: a second signal must not cut Tansu's short
+            signal.signal(stop_signal, signal.SIG_IGN)
         raise KeyboardInterrupt
 
-    for signum in (signal.SIGINT, signal.SIGTERM):  # SIGTERM too, or Tansu would outlive us
+    for signum in handled:
         signal.signal(signum, stop)
-    with EmbeddedBroker(port=port, log_path=settings.data_dir / "tansu.log") as running:
-        ensure_topics(settings.model_copy(update={"kafka_bootstrap": running.bootstrap}))
-        typer.echo(f"Kafka-compatible broker ready: export LIVELOOP_KAFKA_BOOTSTRAP={running.bootstrap}")
-        try:
+    try:
+        with EmbeddedBroker(port=port, log_path=settings.data_dir / "tansu.log") as running:
+            ensure_topics(settings.model_copy(update={"kafka_bootstrap": running.bootstrap}))
+            typer.echo(f"Kafka-compatible broker ready: export LIVELOOP_KAFKA_BOOTSTRAP={running.bootstrap}")
             running.wait()
-        except KeyboardInterrupt:
-            pass
+    except KeyboardInterrupt:  # wherever it came, leaving the block stopped Tansu
+        pass

@@ -33,7 +33,6 @@ def train() -> None:
     if not settings.kafka_bootstrap:
         typer.echo("LIVELOOP_KAFKA_BOOTSTRAP is not set: point it at the Kafka the API relays feedback to.", err=True)
         raise typer.Exit(2)
-    logging.getLogger("kafka").setLevel(logging.WARNING)
     db_engine = open_database(settings)
     sessions = make_sessionmaker(db_engine)
     # the trainer computes in float32 whatever serving uses; PPOConfig decides on bf16 autocast

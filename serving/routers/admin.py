@@ -39,7 +39,7 @@ def require_admin(request: Request) -> None:
         raise Unauthorized("Missing admin token: send 'Authorization: Bearer <admin token>'.")
     if secrets.compare_digest(token.encode(), expected.get_secret_value().encode()):
         return
-    if token in request.app.state.users_by_key:
+    if request.app.state.api_keys.identify(token) is not None:
         raise Forbidden("This API key may chat and rate completions; changing adapters needs the admin token.")
     raise Unauthorized("Incorrect admin token.")
 

@@ -11,8 +11,11 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-async def healthz() -> dict:
-    """The process is alive (no dependency is checked: a restart would not fix a database outage)."""
+async def healthz(request: Request) -> dict:
+    """The process can serve: its engine thread runs. No dependency is checked (a restart would not fix a
+    database outage), but an engine that died stays dead until the process is restarted."""
+    if not request.app.state.engine.is_running():
+        raise Unavailable("the generation engine is not running")
     return {"status": "ok"}
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -158,3 +159,21 @@ def test_ctrl_c_and_up_again_keeps_the_loop_state_and_every_rating(up_settings, 
     made = [v for v in versions if v.name not in ("policy-00001-live", "policy-00002-canary")]
     assert made and all(v.parent not in rejected for v in made)  # the lineage went on from what serves
     assert not [t for t in registry.audit() if "orphan" in t.reason]
+
+
+def test_ctrl_c_stops_the_trainer_then_the_api_then_the_broker_quietly(up_settings, tmp_path):
+    log_path = tmp_path / "up.log"
+    up = Up(up_settings, log_path)
+    up.ready()
+    wait_until(lambda: "training a fresh adapter" in log_path.read_text(), timeout_s=60)  # its handlers are set
+    interrupted = time.monotonic()
+    assert up.interrupt() == 0
+    assert time.monotonic() - interrupted < 15  # the trainer gets 10 s to finish its step, then is killed
+    output = log_path.read_text()
+    assert "Traceback" not in output and "Aborted" not in output, output
+    assert " INFO kafka" not in output  # third-party libraries speak at WARNING
+    assert f"API            http://127.0.0.1:{up_settings.port}/v1" in output  # where things are
+    stops = [output.find(line) for line in ("trainer stopped", "API stopped", "embedded Kafka broker stopped")]
+    assert -1 not in stops and stops == sorted(stops), output
+    tansu = int(re.search(r"Tansu\) at \S+, pid (\d+)", output).group(1))
+    assert not Path(f"/proc/{tansu}").exists()

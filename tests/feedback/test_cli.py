@@ -1,4 +1,5 @@
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -55,3 +56,22 @@ def test_relay_without_kafka_says_what_to_set(cli_env):
                             timeout=60)
     assert result.returncode == 2
     assert "LIVELOOP_KAFKA_BOOTSTRAP is not set" in result.stderr
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize(("stop_signal", "preexec"), [(signal.SIGTERM, None), (signal.SIGINT, _ignore_sigint)],
+                         ids=["sigterm", "sigint-under-a-parent-that-ignores-it"])
+def test_broker_stops_tansu_when_it_stops(cli_env, tmp_path, stop_signal, preexec):
+    errors = tmp_path / "broker.err"
+    with errors.open("w") as stderr:
+        broker = subprocess.Popen([LIVELOOP, "broker", "--port", str(free_port())], env=cli_env(), text=True,
+                                  stdout=subprocess.PIPE, stderr=stderr, preexec_fn=preexec)
+    assert "LIVELOOP_KAFKA_BOOTSTRAP=" in broker.stdout.readline()
+    tansu = int(re.search(r"Tansu\) at \S+, pid (\d+)", errors.read_text()).group(1))
+    broker.send_signal(stop_signal)
+    assert broker.wait(30) == 0
+    assert not Path(f"/proc/{tansu}").exists()
+    assert "Traceback" not in errors.read_text()

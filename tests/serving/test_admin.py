@@ -9,7 +9,7 @@ from liveloop.artifacts import open_artifact_store
 from liveloop.db import make_engine, make_sessionmaker
 from liveloop.registry import Registry
 
-ADMIN, USER_KEY = "admin-secret", "user-key"
+ADMIN, USER_KEY = "admin-secret-of-32-characters-ok", "user-key"
 
 
 @dataclass

@@ -11,6 +11,8 @@ import sqlalchemy as sa
 
 from liveloop.db import make_engine
 from liveloop.tables import Completion
+from serving.engine import Engine
+from tests.feedback.helpers import wait_until
 
 MESSAGES = [{"role": "user", "content": "Say something about the sea."}]
 
@@ -151,6 +153,33 @@ def test_api_keys_are_required_and_identify_the_user(serve, make_settings):
         completion = _client(url, "sk-alice-123").chat.completions.create(model="liveloop", messages=MESSAGES,
                                                                           max_tokens=2)
     assert _stored(settings.resolved_database_url, completion.id).user_id == "alice"
+
+
+def test_keys_without_a_user_are_users_of_their_own_named_by_no_key_characters(serve, make_settings):
+    settings = make_settings()
+    keys = ["sk-team-shared-prefix-1", "sk-team-shared-prefix-2"]
+    with serve(api_keys=keys) as url:
+        ids = [_client(url, key).chat.completions.create(model="liveloop", messages=MESSAGES, max_tokens=2).id
+               for key in keys]
+        with pytest.raises(openai.AuthenticationError):  # the key's prefix is not the key
+            _client(url, keys[0][:-1]).chat.completions.create(model="liveloop", messages=MESSAGES, max_tokens=2)
+    users = [_stored(settings.resolved_database_url, completion_id).user_id for completion_id in ids]
+    assert users[0] != users[1]
+    assert not [user for user in users for key in keys for i in range(len(key) - 5) if key[i:i + 6] in user]
+
+
+def test_healthz_fails_once_the_engine_thread_died(serve, monkeypatch):
+    with serve() as url:
+        assert httpx.get(f"{url}/healthz").status_code == 200
+
+        def crash(engine) -> None:
+            raise RuntimeError("a bug in the engine loop")
+
+        monkeypatch.setattr(Engine, "step", crash)
+        httpx.post(f"{url}/v1/chat/completions", timeout=30,  # wakes the engine thread, which dies
+                   json={"model": "liveloop", "messages": MESSAGES, "max_tokens": 2})
+        wait_until(lambda: httpx.get(f"{url}/healthz").status_code == 503, timeout_s=10)
+        assert "engine" in httpx.get(f"{url}/healthz").json()["error"]["message"]
 
 
 def test_health_and_readiness(serve):

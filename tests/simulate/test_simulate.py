@@ -20,7 +20,7 @@ from liveloop.simulate.run import Simulation, SimulationConfig
 from liveloop.tables import Completion, Feedback
 from tests.serving.conftest import running_server
 
-ADMIN, USER_KEYS = "admin-secret", ["key-a", "key-b", "key-c"]
+ADMIN, USER_KEYS = "admin-secret-of-32-characters-ok", ["key-a", "key-b", "key-c"]
 HALF = (P_MET + P_MISS) / 2
 
 
