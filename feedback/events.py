@@ -83,9 +83,12 @@ class UntrainableEvent(InvalidEvent):
     """A valid event the consumer's caller cannot use (the trainer: tokens outside its vocabulary, say)."""
 
 
-def describe(exc: ValidationError) -> str:
-    """Each problem of a validation error as 'field.path: message', joined."""
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'event'}: {e['msg']}" for e in exc.errors())
+def describe(exc: ValidationError, most: int = 3) -> str:
+    """The first ``most`` problems of a validation error as 'field.path: message' (a response of NaN log-probs
+    has one per token), and how many more there are."""
+    problems = [f"{'.'.join(map(str, e['loc'])) or 'event'}: {e['msg']}" for e in exc.errors()]
+    more = f"; and {len(problems) - most} more" if len(problems) > most else ""
+    return "; ".join(problems[:most]) + more
 
 
 def parse_event(raw: bytes | None) -> FeedbackEvent:

@@ -80,7 +80,7 @@ class Relay:
     def _failure(self, row: Row, error: KafkaError, *, others_sent: bool) -> dict:
         """The row's new attempts, error and parking. A retriable error while nothing went through is Kafka's
         outage, not the row's fault: it counts no attempt, so an outage never parks rows."""
-        own = others_sent or not error.retriable
+        own = others_sent or not getattr(error, "retriable", False)  # an error from outside kafka: its own
         tries = row.attempts + own
         parked = utcnow() if own and tries >= self._max_attempts else None
         description = f"{type(error).__name__}: {error}"[:2_000]

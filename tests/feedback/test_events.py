@@ -56,6 +56,12 @@ def test_missing_fields_are_named():
         parse_event(json.dumps(data).encode())
 
 
+def test_a_reason_names_the_first_problems_and_counts_the_rest():
+    with pytest.raises(MalformedEvent) as caught:
+        parse_event(json.dumps(event(response_token_ids=[3] * 10, behaviour_logprobs=[None] * 10)).encode())
+    assert caught.value.reason.endswith("behaviour_logprobs.2: Input should be a valid number; and 7 more")
+
+
 def test_event_is_immutable():
     parsed = FeedbackEvent.model_validate(event())
     with pytest.raises(ValueError):
