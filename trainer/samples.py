@@ -11,13 +11,9 @@ from __future__ import annotations
 import math
 
 from feedback.events import FeedbackEvent, UntrainableEvent
-from liveloop.sampling import SamplingParams
+from liveloop.sampling import MIN_TEMPERATURE, SamplingParams
 from trainer.policy import Policy
 from trainer.update import Sample, check_samples
-
-# Below it the scaled logits overflow float32 (from ~1e-37) or the distribution is a point mass in all but name,
-# whose log-probs cannot be weighed; vLLM clamps temperatures to the same bound.
-MIN_TEMPERATURE = 0.01
 
 
 def logged_sample(event: FeedbackEvent) -> Sample:
