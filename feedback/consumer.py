@@ -112,8 +112,16 @@ class FeedbackConsumer:
             self._consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()})
 
     def close(self) -> None:
-        self._consumer.close(autocommit=False)
-        self._dead_letters.close()
+        # kafka-python 3.0 cancels an in-flight metadata refresh on close and logs it as an ERROR with the
+        # closed socket's traceback: on a close of our own that is expected, and would read as a crash
+        kafka_log = logging.getLogger("kafka")
+        level = kafka_log.level
+        kafka_log.setLevel(logging.CRITICAL)  # setLevel, not .level: children cache what they may log
+        try:
+            self._consumer.close(autocommit=False)
+            self._dead_letters.close()
+        finally:
+            kafka_log.setLevel(level)
 
     def __enter__(self) -> FeedbackConsumer:
         return self

@@ -135,7 +135,7 @@ def where(settings: Settings) -> str:
     return "\n".join([
         "liveloop is up:",
         f"  API            {url}/v1 (OpenAI-compatible); chat page {url}/",
-        f"  metrics        API {url}/metrics/, trainer {trainer_metrics}",
+        f"  metrics        API {url}/metrics, trainer {trainer_metrics}",
         f"  data           {settings.data_dir.resolve()}",
         f"  database       {make_url(settings.resolved_database_url).render_as_string(hide_password=True)}",
         f"  adapters       {settings.resolved_artifact_dir.resolve()}",

@@ -186,6 +186,6 @@ def test_health_and_readiness(serve):
     with serve() as url:
         assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
         ready = httpx.get(f"{url}/readyz").json()
-        metrics = httpx.get(f"{url}/metrics/").text
+        metrics = httpx.get(f"{url}/metrics").text
     assert ready["status"] == "ready" and ready["live_version"] is None
     assert "python_info" in metrics

@@ -55,7 +55,7 @@ def test_json_logs_carry_the_request_completion_version_and_user(make_settings, 
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIVELOOP_")} | {
         "LIVELOOP_DATA_DIR": str(settings.data_dir), "LIVELOOP_BASE_MODEL": str(tiny_model_dir),
         "LIVELOOP_MODEL_CACHE_DIR": str(MODEL_CACHE), "LIVELOOP_LOG_FORMAT": "json",
-        "LIVELOOP_API_KEYS": "alice:key-a"}
+        "LIVELOOP_API_KEYS": "alice:key-a", "LIVELOOP_ACCESS_LOG": "true"}
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log_file:
         server = subprocess.Popen([sys.executable, "-m", "liveloop", "serve", "--port", str(port)], env=env,
