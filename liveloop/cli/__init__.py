@@ -55,11 +55,8 @@ def up() -> None:
     settings = _settings()
     migrate(settings.resolved_database_url)  # once, before two processes would race to do it
     prepare_base_model(settings)
-    # two busy processes on one machine: each gets its own share of the cores (torch's default, every core for
-    # each, oversubscribes them; the trainer then ran at an eighth of its speed alone)
-    cores = os.cpu_count() or 1
-    train_threads = settings.torch_threads or max(1, cores // 2)
-    settings = settings.model_copy(update={"torch_threads": settings.torch_threads or max(1, cores - train_threads)})
+    serve_threads, train_threads = core_split(settings, os.cpu_count() or 1)
+    settings = settings.model_copy(update={"torch_threads": serve_threads})
     # Ctrl-C signals the terminal's whole process group; the trainer and the broker run in sessions of their own,
     # so that they stop in order: the trainer first (told as the API begins its shutdown), the broker last
     with resolved_kafka(settings) as settings:
@@ -76,6 +73,13 @@ def up() -> None:
             except subprocess.TimeoutExpired:
                 trainer.kill()
                 trainer.wait()
+
+
+def core_split(settings: Settings, cores: int) -> tuple[int, int]:
+    """torch threads of the API and of the trainer under ``liveloop up``: ``serve_threads`` and ``train_threads``,
+    where 0 means half the cores to the trainer and the rest to the API, each at least 1."""
+    train = settings.train_threads or max(1, cores // 2)
+    return settings.serve_threads or max(1, cores - train), train
 
 
 def _serve(app, settings: Settings, *, on_exit) -> None:
