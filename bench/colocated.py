@@ -3,7 +3,7 @@
 For each split of torch threads between the two processes (``serve:train``; by default ``liveloop up``'s own,
 ``core_split`` of the settings, and ``0:0``, torch's default of every core for each):
 
-- serving: ``liveloop serve`` in a subprocess with the serve threads, the live alias through a random r16 adapter,
+- serving: ``liveloop serve`` in a subprocess with the serve threads, fp32, the live alias through a random r16 adapter,
   ``--concurrency`` streaming clients from this process in a closed loop; tokens/s counts the tokens that arrive
   within the measured window;
 - training: one PPO update of bench/ppo.py's shape and default config (``bench/ppo.py --variant ours``) in a
@@ -56,11 +56,11 @@ def serving_rate(run: Run, start: float, end: float) -> float:
     return run.tokens_between(start, end) / (end - start)
 
 
-async def train(threads: int) -> dict:
+async def train(threads: int, shape: list[int]) -> dict:
     """One update of bench/ppo.py in a subprocess; its report, with start and end on this process's clock."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, str(REPO / "bench" / "ppo.py"), "--variant", "ours", "--threads", str(threads), cwd=REPO,
-        stdout=subprocess.PIPE)
+        sys.executable, str(REPO / "bench" / "ppo.py"), "--variant", "ours", "--threads", str(threads),
+        "--shape", *map(str, shape), cwd=REPO, stdout=subprocess.PIPE)
     out, _ = await process.communicate()
     if process.returncode:
         raise RuntimeError(f"bench/ppo.py exited with {process.returncode}")
@@ -79,11 +79,12 @@ async def serve_for(url: str, params: SamplingParams, prompts: list[list[int]], 
     return serving_rate(await load, start, start + seconds)
 
 
-async def together(url: str, params: SamplingParams, prompts: list[list[int]], concurrency: int,
+async def together(url: str, params: SamplingParams, prompts: list[list[int]], args: argparse.Namespace,
                    threads: int) -> Phase:
     stop = asyncio.Event()
-    load = asyncio.create_task(http_run(url, "serving beside training", params, prompts, concurrency, until=stop))
-    report = await train(threads)
+    load = asyncio.create_task(http_run(url, "serving beside training", params, prompts, args.concurrency,
+                                        until=stop))
+    report = await train(threads, args.train_shape)
     stop.set()
     return Phase(serving_rate(await load, report["started"], report["ended"]), report["tokens_per_s"])
 
@@ -91,14 +92,14 @@ async def together(url: str, params: SamplingParams, prompts: list[list[int]], c
 def measure_split(serve_threads: int, train_threads: int, adapter_dir: Path, args: argparse.Namespace,
                   prompts: list[list[int]]) -> tuple[Phase, Phase]:
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
-    trained = asyncio.run(train(train_threads))
+    trained = asyncio.run(train(train_threads, args.train_shape))
     alone = Phase(train_tokens_per_s=trained["tokens_per_s"])
     print(f"  training alone: {alone.train_tokens_per_s:.1f} tokens/s ({trained['seconds']:.1f} s)", flush=True)
     with running_server(adapter_dir, "float32", serve_threads, args.concurrency) as url:
         alone.serve_tokens_per_s = asyncio.run(serve_for(url, params, prompts, args.concurrency,
                                                          trained["seconds"]))
         print(f"  serving alone: {alone.serve_tokens_per_s:.1f} tokens/s", flush=True)
-        both = asyncio.run(together(url, params, prompts, args.concurrency, train_threads))
+        both = asyncio.run(together(url, params, prompts, args, train_threads))
     return alone, both
 
 
@@ -115,6 +116,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8, help="serving clients in a closed loop")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--train-shape", type=int, nargs=3, default=[16, 40, 128],
+                        metavar=("BATCH", "PROMPT", "RESPONSE"), help="bench/ppo.py --shape")
     args = parser.parse_args()
     base = load_base_model(Settings())
     prompts = chat_prompts(base)
