@@ -82,8 +82,17 @@ class Settings(BaseSettings):
     )
     device: str = Field("auto", description="'auto' picks cuda when present, else cpu.")
     torch_threads: int = Field(
-        0, ge=0, description="torch intra-op threads; 0 keeps torch's default, except under `liveloop up`, where the "
-        "trainer gets half the cores and the API the rest (a number here applies to each of them).",
+        0, ge=0, description="torch intra-op threads of `liveloop serve` or `liveloop train` run alone; 0 keeps "
+        "torch's default (every core). `liveloop up` sets it for each of its processes from the two below.",
+    )
+    # `liveloop up` runs the API and the trainer on one machine: torch's default gives each every core, and two
+    # busy processes then oversubscribe them; bench/colocated.py measures a split against each process alone
+    serve_threads: int = Field(
+        0, ge=0, description="torch threads of the API process under `liveloop up`; 0: the cores train_threads "
+        "leaves (at least 1).",
+    )
+    train_threads: int = Field(
+        0, ge=0, description="torch threads of the trainer under `liveloop up`; 0: half the cores (at least 1).",
     )
 
     # --- API -----------------------------------------------------------------------------------------

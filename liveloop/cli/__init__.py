@@ -81,6 +81,13 @@ def serve(host: str = typer.Option(None, help="Default: LIVELOOP_HOST."),
                 access_log=settings.access_log)
 
 
+def core_split(settings: Settings, cores: int) -> tuple[int, int]:
+    """torch threads of the API and of the trainer under ``liveloop up``: ``serve_threads`` and ``train_threads``,
+    where 0 means half the cores to the trainer and the rest to the API, each at least 1."""
+    train = settings.train_threads or max(1, cores // 2)
+    return settings.serve_threads or max(1, cores - train), train
+
+
 @app.command("prepare-model")
 def prepare_model() -> None:
     """Convert the packaged model into the model cache (or check LIVELOOP_BASE_MODEL) and say where it is."""

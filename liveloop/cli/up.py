@@ -34,7 +34,7 @@ def up() -> None:
     with its outbox relay, and the trainer; SQLite under ./var and the packaged model by default."""
     from feedback.broker import resolved_kafka
     from feedback.kafka import ensure_topics
-    from liveloop.cli import _settings, refuse_open, stop_signals
+    from liveloop.cli import _settings, core_split, refuse_open, stop_signals
     from liveloop.db import migrate
     from liveloop.model import prepare_base_model
     from serving.app import create_app
@@ -51,9 +51,8 @@ def up() -> None:
     prepare_base_model(settings)
     # two busy processes on one machine: each gets its own share of the cores (torch's default, every core for
     # each, oversubscribes them; the trainer then ran at an eighth of its speed alone)
-    cores = os.cpu_count() or 1
-    train_threads = settings.torch_threads or max(1, cores // 2)
-    settings = settings.model_copy(update={"torch_threads": settings.torch_threads or max(1, cores - train_threads)})
+    serve_threads, train_threads = core_split(settings, os.cpu_count() or 1)
+    settings = settings.model_copy(update={"torch_threads": serve_threads})
     with resolved_kafka(settings) as settings:
         ensure_topics(settings)
         env = {**os.environ, "LIVELOOP_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
