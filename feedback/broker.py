@@ -21,6 +21,7 @@ from pathlib import Path
 from kafka import KafkaAdminClient
 from kafka.errors import KafkaTimeoutError
 
+from liveloop.processes import stop_process
 from liveloop.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -107,16 +108,8 @@ class EmbeddedBroker:
         """SIGINT (Tansu's SIGTERM waits 5 s for clients to hang up; a memory-only broker has nothing to flush),
         then SIGKILL if it does not exit in time."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            log.warning("Tansu did not stop within %.0f s; killing it", timeout_s)
-            process.kill()
-            process.wait()
-        log.info("embedded Kafka broker stopped")
+        if process is not None:
+            stop_process(process, "embedded Kafka broker", sig=signal.SIGINT, timeout_s=timeout_s)
 
     def wait(self) -> int:
         """Block until the broker exits (the ``liveloop broker`` command); returns its exit code."""

@@ -20,6 +20,7 @@ import typer
 import uvicorn
 from sqlalchemy import make_url
 
+from liveloop.processes import stop_process
 from liveloop.settings import Settings
 
 app = typer.Typer()
@@ -113,17 +114,7 @@ class _OrderedServer(uvicorn.Server):
 def _stop_trainer(trainer: subprocess.Popen) -> None:
     """SIGTERM: the trainer finishes its step and exits; killed when it takes longer, it loses nothing either
     (see trainer.worker)."""
-    if trainer.poll() is not None:
-        return
-    log.info("stopping the trainer")
-    trainer.terminate()
-    try:
-        trainer.wait(TRAINER_STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        log.warning("the trainer did not stop within %.0f s; killing it", TRAINER_STOP_TIMEOUT_S)
-        trainer.kill()
-        trainer.wait()
-    log.info("trainer stopped")
+    stop_process(trainer, "trainer", sig=signal.SIGTERM, timeout_s=TRAINER_STOP_TIMEOUT_S)
 
 
 def where(settings: Settings) -> str:

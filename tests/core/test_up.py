@@ -113,15 +113,22 @@ class Up:
         return self.process.wait(90)
 
 
-def test_ctrl_c_and_up_again_keeps_the_loop_state_and_every_rating(up_settings, tmp_path):
-    settings = up_settings
-    sessions = make_sessionmaker(make_engine(settings.resolved_database_url))
+def live_and_canary(settings, tmp_path: Path, sessions=None) -> Registry:
+    """The registry of ``settings`` with "policy-00001-live" live and "policy-00002-canary" its canary."""
+    sessions = sessions or make_sessionmaker(make_engine(settings.resolved_database_url))
     registry = Registry(sessions, LocalArtifactStore(settings.resolved_artifact_dir))
     for name, version in (("policy-00001-live", 1), ("policy-00002-canary", 2)):
         registry.register(name, _policy_version(settings, tmp_path / name, version, seed=version))
         registry.judge(name, report={}, failed=[])
-    registry.promote("policy-00001-live", actor="test", reason="the state to keep")
-    registry.start_canary("policy-00002-canary", actor="test", reason="the state to keep")
+    registry.promote("policy-00001-live", actor="test", reason="a live version")
+    registry.start_canary("policy-00002-canary", actor="test", reason="a canary")
+    return registry
+
+
+def test_ctrl_c_and_up_again_keeps_the_loop_state_and_every_rating(up_settings, tmp_path):
+    settings = up_settings
+    sessions = make_sessionmaker(make_engine(settings.resolved_database_url))
+    registry = live_and_canary(settings, tmp_path, sessions)
 
     first = Up(settings, tmp_path / "up.log")
     wait_until(lambda: (lambda r: (r["live_version"], r["canary_version"]))(first.ready())

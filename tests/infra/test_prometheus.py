@@ -16,11 +16,8 @@ import pytest
 import yaml
 
 from feedback.broker import free_port
-from liveloop.artifacts import LocalArtifactStore
-from liveloop.db import make_engine, make_sessionmaker
-from liveloop.registry import Registry
 from tests.conftest import REPO
-from tests.core.test_up import Up, _policy_version, up_settings  # noqa: F401 (a fixture)
+from tests.core.test_up import Up, live_and_canary, up_settings  # noqa: F401 (a fixture)
 from tests.feedback.helpers import wait_until
 
 INFRA = REPO / "infra"
@@ -114,13 +111,7 @@ class Prometheus:
 def live_loop(up_settings, tmp_path):  # noqa: F811 (the fixture imported above)
     """`liveloop up` with a live version and a canary, its trainer's metrics on a port of their own."""
     settings = up_settings.model_copy(update={"trainer_metrics_port": free_port()})
-    registry = Registry(make_sessionmaker(make_engine(settings.resolved_database_url)),
-                        LocalArtifactStore(settings.resolved_artifact_dir))
-    for name, version in (("policy-00001-live", 1), ("policy-00002-canary", 2)):
-        registry.register(name, _policy_version(settings, tmp_path / name, version, seed=version))
-        registry.judge(name, report={}, failed=[])
-    registry.promote("policy-00001-live", actor="test", reason="a live version to watch")
-    registry.start_canary("policy-00002-canary", actor="test", reason="a canary to watch")
+    live_and_canary(settings, tmp_path)
     up = Up(settings, tmp_path / "up.log")
     try:
         up.ready()
