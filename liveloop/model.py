@@ -113,6 +113,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run on native units here (so autocast speeds them up rather than emulating them)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def load_base_model(settings: Settings) -> LoadedModel:
     """Prepare (if needed) and load the base model in the configured dtype and device, in eval mode."""
     if settings.torch_threads:

@@ -32,6 +32,7 @@ from transformers import PreTrainedModel
 from transformers.masking_utils import create_causal_mask
 
 from liveloop.adapter_artifacts import save_adapter, verify_adapter
+from liveloop.model import native_bf16
 from trainer.config import PPOConfig
 from trainer.lm_head import chosen_logprobs
 from trainer.ppo import AdaptiveKLController, RunningMoments
@@ -144,7 +145,7 @@ class Policy:
     @torch.no_grad()
     def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Embeddings and the frozen layers below the adapter: (B, L) → hidden (B, L, H), once per batch."""
-        with self._autocast():
+        with self.autocast():
             hidden = self.decoder.embed_tokens(input_ids.to(self.causal_lm.device))
             return self._layers(hidden, self.decoder.layers[:self.split])
 
@@ -155,7 +156,7 @@ class Policy:
         """
         assert self.model.active_adapter == POLICY_ADAPTER, "another adapter is active on the shared model"
         adapter_off = self.model.disable_adapter() if reference else nullcontext()
-        with adapter_off, torch.set_grad_enabled(torch.is_grad_enabled() and not reference), self._autocast():
+        with adapter_off, torch.set_grad_enabled(torch.is_grad_enabled() and not reference), self.autocast():
             hidden = self._layers(lower[:, :batch.input_ids.shape[1]], self.decoder.layers[self.split:])
             picked = hidden.gather(1, batch.positions[..., None].expand(-1, -1, hidden.shape[-1]))  # (b, T, H)
             return self.decoder.norm(picked) * batch.mask[..., None]
@@ -182,8 +183,11 @@ class Policy:
                            position_embeddings=position_embeddings)
         return hidden
 
-    def _autocast(self):
-        return torch.autocast(self.causal_lm.device.type, dtype=torch.bfloat16, enabled=self.config.bf16_autocast)
+    def autocast(self) -> torch.autocast:
+        """The update's and the rollouts' precision (``PPOConfig.bf16_autocast``)."""
+        device = self.causal_lm.device
+        enabled = native_bf16(device) if self.config.bf16_autocast is None else self.config.bf16_autocast
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def _scatter(values: torch.Tensor | None, real: torch.Tensor) -> torch.Tensor | None:

@@ -69,8 +69,9 @@ def fresh_samples(policy: Policy, reward_model: RewardModel, prompts: Sequence[S
     generations = []
     for start in range(0, len(rows), config.batch_size):
         chunk = slice(start, start + config.batch_size)
-        generations += generate(policy.model, row_prompts[chunk], params[chunk],
-                                eos_token_ids=eos_token_ids, generator=generator)
+        with policy.autocast():  # the behaviour log-probs are those of the distribution sampled, in its precision
+            generations += generate(policy.model, row_prompts[chunk], params[chunk],
+                                    eos_token_ids=eos_token_ids, generator=generator)
     scores = reward_model.reward([g.prompt_ids for g in generations], [g.response_ids for g in generations])
     return [
         Sample(prompt_ids=g.prompt_ids, response_ids=g.response_ids, behaviour_logprobs=g.behaviour_logprobs,

@@ -48,7 +48,7 @@ def outputs(policy: Policy, *, reference: bool = False, with_kl: bool = False):
 
 def test_split_trunk_matches_the_models_own_forward(make_base):
     base = make_base()
-    policy = Policy.create(base.model, PPOConfig(), base_model_id=base.model_id)
+    policy = Policy.create(base.model, PPOConfig(bf16_autocast=False), base_model_id=base.model_id)
     perturb(policy)
     out, mask = outputs(policy)
     ref, _ = outputs(policy, reference=True)
@@ -66,7 +66,7 @@ def test_split_trunk_matches_the_models_own_forward(make_base):
 
 def test_kl_to_the_reference_is_the_exact_kl_of_the_models_own_distributions(make_base):
     base = make_base()
-    policy = Policy.create(base.model, PPOConfig(), base_model_id=base.model_id)
+    policy = Policy.create(base.model, PPOConfig(bf16_autocast=False), base_model_id=base.model_id)
     perturb(policy)
     out, mask = outputs(policy, with_kl=True)
     with torch.no_grad():

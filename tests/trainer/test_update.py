@@ -177,13 +177,13 @@ def test_non_finite_update_is_discarded_and_weights_restored():
 
 
 def test_samples_of_any_age_are_trained_on_with_capped_importance_weights():
-    samples = rollouts(toy_policy(), 8, seed=0)
-    on_policy = ppo_update(toy_policy(is_weight_cap=2.0), samples)
+    samples = rollouts(toy_policy(), 8, seed=0)  # sampled in fp32: π_prox = μ exactly only in the same precision
+    on_policy = ppo_update(toy_policy(is_weight_cap=2.0, bf16_autocast=False), samples)
     assert on_policy["is_weight_mean"] == pytest.approx(1.0, abs=1e-4)
     # a behaviour policy that found every token e⁵ times less likely than π_prox does: weights e⁵, capped at 2
     older = [Sample(s.prompt_ids, s.response_ids, [lp - 5 for lp in s.behaviour_logprobs], s.score, s.temperature)
              for s in samples]
-    off_policy = ppo_update(toy_policy(is_weight_cap=2.0), older)
+    off_policy = ppo_update(toy_policy(is_weight_cap=2.0, bf16_autocast=False), older)
     assert off_policy["is_weight_mean"] == pytest.approx(2.0)
     assert off_policy["samples"] == 8 and off_policy["applied"] == 1.0  # none dropped for its age
 
