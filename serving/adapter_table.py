@@ -94,6 +94,11 @@ class AdapterTable:
         requests may use ``name``, or raises (AdapterArtifactError for a corrupt or foreign directory, or weights
         whose sha256 is not ``sha256``, the registry's record, when given)."""
         with self._lock:
+            if name in self._unloading:  # routed again before its slot was freed: the same immutable weights
+                self._unloading.discard(name)  # (checked against their sha256 when first loaded) serve again
+                future = Future()
+                future.set_result(None)
+                return future
             pending = self._loading.get(name)
             if not name or name == BASE_ADAPTER or name in self._loaded or (pending and not pending.done()):
                 raise ValueError(f"adapter name {name!r} is taken: versions are immutable, load under a new name")

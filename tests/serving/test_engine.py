@@ -301,6 +301,25 @@ def test_unload_waits_until_no_request_uses_the_adapter(make_engine, tiny_base, 
     assert len(engine.model.peft_config) == slots  # a's slot was freed, and d (or the spare) took it
 
 
+def test_a_version_routed_again_while_it_unloads_serves_again_from_its_slot(make_engine, tiny_base,
+                                                                            make_adapter_dir):
+    """The hot-swap unloads a version out of the routing and may route it again (a standby that became the newest
+    approved once more) before a pinned request lets its slot go: the load revives it instead of refusing it."""
+    engine = make_engine()
+    load(engine, "a", make_adapter_dir("a", scale=0.5))
+    req = request(tiny_base, "Pinned", "a", temperature=0.0, max_tokens=6)
+    want = alone(engine, req)
+    pinned = engine.submit(req)
+    engine.step()
+    engine.unload_adapter("a")
+    assert engine.loaded_adapters() == []
+    future = engine.load_adapter("a", make_adapter_dir("a2", scale=0.5, seed=7))
+    assert future.done() and future.exception() is None and engine.loaded_adapters() == ["a"]
+    assert_same_generation(run(engine, [pinned])[0], want)
+    engine.step()  # nothing waits to be unloaded: a keeps its slot and its weights
+    assert_same_generation(run(engine, [engine.submit(req)])[0], want)
+
+
 def test_a_version_loads_into_a_free_slot_without_waiting_for_a_step(make_engine, tiny_base, make_adapter_dir):
     engine = make_engine()
     load(engine, "a", make_adapter_dir("a", scale=0.5))  # the first slot is added by the engine thread
