@@ -194,8 +194,7 @@ class Promoter:
         sides, since = [canary.name, routing.live], canary.state_changed_at
         counts = self.deciding_thumbs(sides, since=since, until=now)
         new, live = counts.get(canary.name, Thumbs()), counts.get(routing.live, Thumbs())
-        collected = sum(t.n for t in self.registry.thumbs(sides, since=since, until=now,
-                                                          requested_model=self.settings.model_alias).values())
+        collected = self._collected(canary, routing.live, now)
         rule = CanaryRule.from_settings(self.settings)
         outcome = Outcome(canary_outcome(new.up, new.n, live.up, live.n, rule, collected).item())
         if outcome is Outcome.CONTINUE:
@@ -213,6 +212,22 @@ class Promoter:
             self.registry.reject(canary.name, actor=CANARY_ACTOR, reason=reason, details=details,
                                  expect=State.CANARY)
         log.info("canary %s: %s", canary.name, reason)
+
+    def wants_candidate(self, now: datetime | None = None) -> bool:
+        """Whether a newly approved version would be used now: no canary holds the slot, or the canary has been
+        undecided for ``canary_supersede_ratings`` (it gives way to a newer approved version trained from it).
+        Under the manual policy always: an engineer may promote any approved version."""
+        routing = self.registry.routing(self.kind)
+        if self.settings.promotion_policy != "auto" or routing.canary is None:
+            return True
+        limit = self.settings.canary_supersede_ratings
+        return bool(limit) and self._collected(self.registry.get(routing.canary), routing.live, now or utcnow()) >= limit
+
+    def _collected(self, canary: AdapterVersion, live: str | None, now: datetime) -> int:
+        """Ratings of both sides since the canary started (every user's, through the alias)."""
+        thumbs = self.registry.thumbs([canary.name, live], since=canary.state_changed_at, until=now,
+                                      requested_model=self.settings.model_alias)
+        return sum(t.n for t in thumbs.values())
 
     def _supersede(self, canary: AdapterVersion, collected: int) -> None:
         """Reject a canary undecided after ``canary_supersede_ratings`` when a newer approved version was trained

@@ -120,7 +120,8 @@ class StateCollector(Collector):
         counts = (select(AdapterTransition.to_state, func.count())
                   .where(AdapterTransition.version.in_(policy)).group_by(AdapterTransition.to_state))
         verdicts = (select(AdapterTransition.to_state)
-                    .where(AdapterTransition.version.in_(policy), AdapterTransition.from_state == State.CANDIDATE)
+                    .where(AdapterTransition.version.in_(policy), AdapterTransition.from_state == State.CANDIDATE,
+                           AdapterTransition.actor == "gate")  # not the candidates superseded unjudged
                     .order_by(AdapterTransition.id.desc()).limit(_GATE_VERDICTS))
         with self.sessions() as session:
             by_state = dict(session.execute(counts).all())

@@ -17,12 +17,18 @@ completion was trained is trained in a later update with its own, new sign: the 
 undone, so the newest step follows the user's latest opinion, and each completion's revisions are trained in
 increasing order, at most once each.
 
-Lineage. Each update starts from what serves or is about to: the newest of the live (promoted), canary and
-approved policy versions, the base model (version 0) when there is none. Never from a rejected, rolled-back or
-retired version: after a rejection or a rollback the next update starts again from the live version, or from
-an approved or canary one newer than it. A candidate still waiting for its gates is judged first (at start).
-The chain cannot stall: its start always serves or may soon, and ratings of whatever version served them are
-trained on (importance-weighted, ``trainer.ppo``), so each batch can yield a candidate.
+Lineage. Each update starts from the newest version not known to be bad: the newest of the live (promoted),
+canary, approved and not yet judged policy versions, the base model (version 0) when there is none. Never from a
+rejected, rolled-back or retired version: after a rejection or a rollback the next update starts again from the
+live version, or from a newer one that serves, may serve, or waits for its gates. The chain cannot stall: ratings
+of whatever version served them are trained on (importance-weighted, ``trainer.ppo``), so each batch can yield
+a candidate.
+
+Gates when they are wanted. A gate run costs about as much as an update, and an approved version is of use only
+when the canary slot can take it (``Promoter.wants_candidate``: no canary, or one undecided long enough to give
+way). So a candidate is judged then: the newest waiting one, at once if the slot is free; the older ones waiting
+are rejected unjudged ("superseded before its gates ran"), the newest carries their training. While a canary
+holds the slot the trainer keeps training instead of judging versions nobody would serve.
 
 Held-out ratings (a stable hash of the completion id, ``gate_holdout_fraction``) are never trained on: the
 gates estimate reward on them.
@@ -96,8 +102,8 @@ class Trainer:
         self.reward_model = self._reward_model() if settings.reward_source == "reward_model" else None
         self.gates = Gates(self.policy.model, base.tokenizer, eos_token_ids=base.eos_token_ids, settings=settings,
                            scorer=self.reward_model.score if self.reward_model else None)
-        self._gate_pending()
-        self._follow_serving()  # a pending candidate approved just now is where training goes on
+        self._gate_when_wanted()
+        self._follow_serving()  # a pending candidate rejected just now is not where training goes on
 
     # --- the loop --------------------------------------------------------------------------------------
 
@@ -112,6 +118,7 @@ class Trainer:
         """Poll until ``train_batch_min`` trainable ratings are in (or ``stop``); their batches, uncommitted."""
         batches, trainable = [], 0
         while trainable < self.settings.train_batch_min and not (stop and stop.is_set()):
+            self._gate_when_wanted()  # the canary slot may free up while ratings are awaited
             batch = self.consumer.next_batch(max_messages=self.settings.train_batch_max - trainable,
                                              max_wait_s=self.settings.train_poll_s,
                                              check=lambda event: check_trainable(event, self.policy))
@@ -127,8 +134,7 @@ class Trainer:
             self.consumer.commit(*batches)
         except KafkaError as exc:
             log.info("Kafka commit skipped (%s); the database has the offsets", exc)
-        if candidate is not None:
-            self._gate(candidate.name)
+        self._gate_when_wanted()
         return candidate
 
     @metrics.STAGE_SECONDS.labels("train").time()
@@ -250,8 +256,8 @@ class Trainer:
 
     def _start_point(self) -> str | None:
         """The version the next update starts from (module docstring, Lineage); None: the base model."""
-        newest = self.registry.versions(kind=Kind.POLICY, states=[State.PROMOTED, State.CANARY, State.APPROVED],
-                                        limit=1)
+        newest = self.registry.versions(kind=Kind.POLICY, limit=1, states=[
+            State.PROMOTED, State.CANARY, State.APPROVED, State.CANDIDATE])
         return newest[0].name if newest else None
 
     def _follow_serving(self) -> None:
@@ -314,10 +320,16 @@ class Trainer:
             with metrics.STAGE_SECONDS.labels("decide").time():
                 Promoter(self.registry, self.settings).after_gates(name)
 
-    def _gate_pending(self) -> None:
-        """Candidates registered but never judged (the trainer stopped while gating) are judged now."""
-        for version in self.registry.versions(kind=Kind.POLICY, states=[State.CANDIDATE]):
-            self._gate(version.name)
+    def _gate_when_wanted(self) -> None:
+        """Judge the newest waiting candidate when the promotion could use it (module docstring); the older ones
+        waiting are rejected unjudged."""
+        waiting = self.registry.versions(kind=Kind.POLICY, states=[State.CANDIDATE])  # newest first
+        if not waiting or not Promoter(self.registry, self.settings).wants_candidate():
+            return
+        for older in waiting[1:]:
+            self.registry.reject(older.name, actor="trainer", expect=State.CANDIDATE,
+                                 reason=f"superseded by {waiting[0].name} before its gates ran")
+        self._gate(waiting[0].name)
 
 
 def _offsets(offsets: dict[TopicPartition, int]) -> dict[str, int]:

@@ -244,6 +244,20 @@ def test_an_undecided_canary_gives_way_to_a_newer_version_trained_from_it(regist
     assert registry.get("second").state == "canary" and registry.get("other").state == "approved"
 
 
+def test_an_approved_version_is_wanted_while_the_canary_slot_could_take_it(registry, make_adapter_dir, promoter,
+                                                                          rate):
+    assert promoter().wants_candidate()  # no canary
+    approve(registry, make_adapter_dir, "first")
+    promoter().after_gates("first")
+    assert not promoter().wants_candidate()  # a canary just started holds the slot
+    assert promoter(promotion_policy="manual").wants_candidate()  # an engineer may promote any approved version
+    rate("first", up=12, down=28)
+    rate(None, up=10, down=30)
+    assert not promoter(canary_supersede_ratings=81).wants_candidate()
+    assert promoter(canary_supersede_ratings=80).wants_candidate()  # undecided long enough to give way
+    assert not promoter(canary_supersede_ratings=0).wants_candidate()  # 0: a canary never gives way
+
+
 def promote_over(registry, make_adapter_dir, rate, *, before: tuple[int, int], after: tuple[int, int]):
     """'old' live for an hour with ``before`` ratings, then 'new' promoted and rated ``after``."""
     approve(registry, make_adapter_dir, "old")

@@ -245,6 +245,31 @@ def test_after_a_rejection_or_a_rollback_training_continues_from_what_serves(tra
     assert restarted.version_name == (after_rollback.name if approved else None)
 
 
+def test_candidates_wait_unjudged_while_a_canary_holds_the_slot_and_the_newest_is_judged_when_it_frees(
+        trainer_settings):
+    settings = trainer_settings(promotion_policy="auto", canary_min_trained_ratings=0)
+    trainer, registry = _trainer(settings)
+    _served_ratings(settings, 8)
+    canary = trainer.consume(trainer.gather())
+    assert registry.get(canary.name).state == State.CANARY  # the slot was free: judged and started at once
+    _served_ratings(settings, 8)
+    waiting = trainer.consume(trainer.gather())
+    _served_ratings(settings, 8)
+    newest = trainer.consume(trainer.gather())
+    assert [registry.get(v.name).state for v in (waiting, newest)] == [State.CANDIDATE] * 2  # not judged
+    assert registry.get(waiting.name).parent == canary.name
+    assert registry.get(newest.name).parent == waiting.name  # training goes on from the waiting candidate
+
+    registry.reject(canary.name, actor="test", reason="test", expect=State.CANARY)  # the slot frees
+    trainer._gate_when_wanted()
+    trainer.consumer.close()
+    superseded = registry.audit(waiting.name)[0]
+    assert (superseded.to_state, superseded.actor) == (State.REJECTED, "trainer")
+    assert f"superseded by {newest.name}" in superseded.reason
+    assert registry.get(newest.name).gate_report is not None  # judged: it carries the waiting one's training
+    assert registry.audit(newest.name)[0].actor in ("gate", "promotion-policy")
+
+
 def test_reward_model_mode_trains_the_reward_model_and_updates_on_fresh_rollouts_once_it_is_usable(
         trainer_settings):
     settings = trainer_settings(reward_source="reward_model", rollout={"max_tokens": 6})
