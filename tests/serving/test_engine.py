@@ -165,6 +165,15 @@ def test_full_queue_refuses_new_requests_until_one_is_admitted(make_engine, tiny
     assert [r.finish_reason for r in run(engine, streams)] == ["length"] * 3
 
 
+def test_requests_submitted_together_are_queued_all_or_none(make_engine, tiny_base):
+    engine = make_engine(max_batch_size=1, max_queue=2)
+    first = engine.submit(request(tiny_base, "Question", max_tokens=2))
+    with pytest.raises(EngineFull):  # two choices of one chat request: both count, and only one place is left
+        engine.submit_all([request(tiny_base, f"Choice {i}", max_tokens=2) for i in range(2)])
+    last = engine.submit(request(tiny_base, "Still room for one", max_tokens=2))  # the pair left nothing behind
+    assert [r.finish_reason for r in run(engine, [first, last])] == ["length"] * 2
+
+
 @pytest.mark.parametrize(("prompt", "params", "message"), [
     ([], {}, "empty"),
     ([1] * 512, {}, "context"),
