@@ -453,14 +453,15 @@ class RewardModel:
         def loss(l2: float) -> float:
             unseen = _Unseen.of(out_of_fold[l2], labels, compared)
             point = pointwise_loss(unseen.scores, unseen.thumbs).item() if len(unseen.thumbs) else 0.0
-            pair = -F.logsigmoid(unseen.differences).mean().item() if len(unseen.differences) else 0.0
+            differences = unseen.differences
+            pair = pairwise_loss(differences, torch.zeros_like(differences)).item() if len(differences) else 0.0
             return point + config.pairwise_weight * pair
 
         best = min(config.l2_grid, key=loss)
         return best, out_of_fold[best]
 
-    def _example_features(self, examples: Sequence[RatedResponse]) -> torch.Tensor:
-        """Features (N, D) of buffered examples, computing those not yet cached."""
+    def _example_features(self, examples: Sequence[RatedResponse | ComparedResponse]) -> torch.Tensor:
+        """Features (N, D) of buffered responses, computing those not yet cached."""
         missing = [e for e in examples if e.completion_id not in self._features]
         if missing:
             computed = self.features([e.prompt_ids for e in missing], [e.response_ids for e in missing])
