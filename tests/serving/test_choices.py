@@ -109,12 +109,13 @@ def test_max_tokens_bounds_each_choice(serve):
     assert refused.status_code == 400 and "at most 8" in refused.json()["error"]["message"]
 
 
-def test_the_openapi_schema_documents_n_and_the_choice_extras(serve):
+def test_the_openapi_schema_documents_n_the_choice_extras_and_the_ranking(serve):
     with serve() as url:
         schemas = httpx.get(f"{url}/openapi.json", timeout=30).json()["components"]["schemas"]
     n = schemas["ChatCompletionRequest"]["properties"]["n"]
     assert n["enum"] == [1, 2] and "counts against the queue" in n["description"]
     assert {"completion_id", "model"} <= set(schemas["Choice"]["properties"])
+    assert "ranking" in schemas["FeedbackCreate"]["properties"]
 
 
 def test_canary_users_compare_the_live_version_with_the_canary(serve, make_settings, make_adapter_dir):
