@@ -8,6 +8,13 @@ raters), the canary 10 points better, 10 points worse. Reported: the share promo
 rejected at the cap, and the ratings (both sides) a decision took, mean and 90th percentile. Then the same with 8
 users who each stay on one side and differ in how often they press thumbs up (``simulate_user_canaries``).
 
+Head to head: the same rule (one SPRT, the same α and β) when some or all ratings are comparisons of two answers;
+a comparison by a user of the canary's side is a paired vote (live against canary), one by another user compares
+two live answers and does not count. Thumbs only against comparisons at the canary share, and with every user
+comparing live with canary; votes under Thurstone's model (``latent_preference``) and under the least a vote can
+carry (``coin_preference``); then with 8 users of unlike habits. Reported: outcomes, and the ratings of all users
+(thumbs and comparisons) a decision took: mean, median, 90th percentile.
+
 Rollbacks: a reference of 100, 400 or 1,000 ratings of the predecessor, then up to 2,000 of the new version, the
 rule looked at after each (``simulate_rollbacks``). Reported: the share rolled back, and after how many ratings.
 """
@@ -26,6 +33,8 @@ from liveloop.promotion import (  # noqa: E402
     CanaryRule,
     Outcome,
     RollbackRule,
+    coin_preference,
+    latent_preference,
     simulate_canaries,
     simulate_rollbacks,
     simulate_user_canaries,
@@ -65,6 +74,37 @@ def few_users(settings: Settings, base: float, count: int, seed: int) -> None:
                   f"{ratings.mean():>14.0f}{np.percentile(ratings, 90):>7.0f}")
 
 
+def head_to_head(settings: Settings, base: float, count: int, seed: int) -> None:
+    rule = CanaryRule.from_settings(settings)
+    fraction = settings.canary_fraction
+    print(f"\nhead to head: one SPRT of thumbs and paired votes, alpha {rule.alpha}, beta {rule.beta}, thumbs effect "
+          f"{rule.effect}, vote effect {rule.vote_effect}; {count} canaries, live rate {base}")
+    print(f"{'case':<18}{'ratings':<34}{'promoted':>9}{'rejected':>9}{'at cap':>8}{'mean':>7}{'median':>7}{'p90':>6}")
+    streams = [("thumbs only", fraction, 0.0, latent_preference),
+               ("half comparisons", fraction, 0.5, latent_preference),
+               ("comparisons", fraction, 1.0, latent_preference),
+               ("comparisons, coin votes", fraction, 1.0, coin_preference),
+               ("comparisons, all users", 1.0, 1.0, latent_preference),
+               ("comparisons, all users, coin", 1.0, 1.0, coin_preference)]
+    for case, delta in [("equal", 0.0), ("10 points better", 0.1), ("10 points worse", -0.1)]:
+        for stream, share, comparisons, preference in streams:
+            outcomes, ratings = chunked(simulate_canaries, count, seed, p_canary=base + delta, p_live=base, rule=rule,
+                                        fraction=share, comparisons=comparisons, preference=preference)
+            print(f"{case:<18}{stream:<34}" + _outcomes(outcomes, ratings))
+    print(f"\n8 users, each on one side, their own thumbs-up rates around {base} (sd 0.1); {count} canaries")
+    for case, delta in [("equal", 0.0), ("10 points better", 0.1)]:
+        for stream, comparisons in [("thumbs only", 0.0), ("comparisons", 1.0)]:
+            outcomes, ratings = chunked(simulate_user_canaries, count, seed, p_canary=base + delta, p_live=base,
+                                        rule=rule, fraction=fraction, users=8, rate_sd=0.1, comparisons=comparisons)
+            print(f"{case:<18}{stream:<34}" + _outcomes(outcomes, ratings))
+
+
+def _outcomes(outcomes: np.ndarray, ratings: np.ndarray) -> str:
+    shares = [np.mean(outcomes == o) for o in (Outcome.PROMOTE, Outcome.REJECT, Outcome.CAP)]
+    return (f"{shares[0]:>9.1%}{shares[1]:>9.1%}{shares[2]:>8.1%}{ratings.mean():>7.0f}{np.median(ratings):>7.0f}"
+            f"{np.percentile(ratings, 90):>6.0f}")
+
+
 def rollbacks(settings: Settings, base: float, count: int, seed: int) -> None:
     rule = RollbackRule.from_settings(settings)
     print(f"\nrollback: effect {rule.effect}, alpha {rule.alpha}, min {rule.min_ratings} per side; {count} runs, "
@@ -91,6 +131,7 @@ def main() -> None:
         settings = settings.model_copy(update={"canary_fraction": args.fraction})
     canaries(settings, args.base, args.canaries, args.seed)
     few_users(settings, args.base, args.canaries, args.seed)
+    head_to_head(settings, args.base, args.canaries, args.seed)
     rollbacks(settings, args.base, args.canaries, args.seed)
 
 

@@ -1,8 +1,9 @@
 """The consumer library the trainer uses: batches of feedback events, committed only when the caller says so.
 
 Guarantees, given at-least-once delivery upstream:
-- every message of a batch is accounted for: handed over, dropped as a repeat of an event id, dropped because a
-  later rating of the same completion in the batch replaced it, or sent to the dead-letter topic with a reason
+- every message of a batch (a rating or a comparison) is accounted for: handed over, dropped as a repeat of an
+  event id, dropped because a later rating of the same completion (ranking of the same request) in the batch
+  replaced it, or sent to the dead-letter topic with a reason
   (it is not a valid event, or the caller's ``check`` refused it);
 - offsets move only through ``commit``, with exactly the offsets of the batches the caller durably consumed,
   so a consumer restarted mid-stream resumes after the last committed batch: nothing lost, nothing handed
@@ -27,9 +28,9 @@ from kafka import ConsumerRebalanceListener, OffsetAndMetadata, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
 from feedback import metrics
-from feedback.events import FeedbackEvent, InvalidEvent, parse_event
+from feedback.events import InvalidEvent, parse_event
 from feedback.kafka import Message, Publisher, make_consumer
-from feedback.ledger import Ledger
+from feedback.ledger import Event, Ledger, subject
 from feedback.replay import ReplayError, republish_unconsumed
 from liveloop.settings import Settings
 
@@ -38,13 +39,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Batch:
-    events: list[FeedbackEvent]  # what to train on: new event ids, the latest rating of each completion
+    # what to train on: new event ids, the latest rating of each completion and ranking of each request
+    events: list[Event]
     offsets: dict[TopicPartition, int]  # per partition, the offset after the last message this batch covers
-    superseded: list[FeedbackEvent] = field(default_factory=list)  # replaced by a later rating in this batch
+    superseded: list[Event] = field(default_factory=list)  # replaced by a later revision in this batch
     duplicates: int = 0
     dead_lettered: int = 0
     generation: int = 0  # how many times the consumer had (re)positioned its partitions when it read the batch
-    rejected: list[FeedbackEvent] = field(default_factory=list)  # valid, dead-lettered by the caller's check
+    rejected: list[Event] = field(default_factory=list)  # valid, dead-lettered by the caller's check
 
 
 class FeedbackConsumer:
@@ -71,7 +73,7 @@ class FeedbackConsumer:
             self._remember(event_id)
 
     def next_batch(self, max_messages: int = 256, max_wait_s: float = 5.0,
-                   check: Callable[[FeedbackEvent], None] | None = None) -> Batch:
+                   check: Callable[[Event], None] | None = None) -> Batch:
         """Up to ``max_messages`` messages, returning as soon as there are that many or ``max_wait_s`` passed.
         The first call also waits for the group join (about 3 s with the default timeouts). ``check``: the
         caller's test of each valid event; one it raises InvalidEvent for goes to the dead-letter topic with that
@@ -237,7 +239,7 @@ class FeedbackConsumer:
         key = record.key.decode(errors="replace") if record.key is not None else ""
         return Message(self.settings.feedback_dlq_topic, key, record.value or b"", headers)
 
-    def _drop_repeats(self, events: list[FeedbackEvent]) -> tuple[list[FeedbackEvent], int]:
+    def _drop_repeats(self, events: list[Event]) -> tuple[list[Event], int]:
         fresh = []
         for event in events:
             if event.event_id not in self._seen:
@@ -258,11 +260,11 @@ class FeedbackConsumer:
 class _Parsed:
     record: ConsumerRecord
     partition: TopicPartition
-    event: FeedbackEvent | None = None  # also with ``invalid``, when the caller's check refused a valid event
+    event: Event | None = None  # also with ``invalid``, when the caller's check refused a valid event
     invalid: InvalidEvent | None = None
 
     @classmethod
-    def of(cls, record: ConsumerRecord, check: Callable[[FeedbackEvent], None] | None = None) -> _Parsed:
+    def of(cls, record: ConsumerRecord, check: Callable[[Event], None] | None = None) -> _Parsed:
         partition = TopicPartition(record.topic, record.partition)
         try:
             event = parse_event(record.value)
@@ -294,12 +296,12 @@ class _DropRevoked(ConsumerRebalanceListener):
             self._owner._assigned |= set(assigned)
 
 
-def latest_ratings(events: list[FeedbackEvent]) -> tuple[list[FeedbackEvent], list[FeedbackEvent]]:
-    """Change of mind inside a batch: per completion only the highest revision counts. Returns (kept, replaced),
-    kept in arrival order."""
-    latest: dict[str, FeedbackEvent] = {}
+def latest_ratings(events: list[Event]) -> tuple[list[Event], list[Event]]:
+    """Change of mind inside a batch: per completion (rating) or request (comparison) only the highest revision
+    counts. Returns (kept, replaced), kept in arrival order."""
+    latest: dict[str, Event] = {}
     for event in events:
-        if event.completion_id not in latest or event.revision > latest[event.completion_id].revision:
-            latest[event.completion_id] = event
-    kept = [event for event in events if latest[event.completion_id] is event]
-    return kept, [event for event in events if latest[event.completion_id] is not event]
+        if subject(event) not in latest or event.revision > latest[subject(event)].revision:
+            latest[subject(event)] = event
+    kept = [event for event in events if latest[subject(event)] is event]
+    return kept, [event for event in events if latest[subject(event)] is not event]

@@ -8,18 +8,27 @@ Policy (``promotion_policy``):
 - ``manual``: approved versions wait for an engineer (``liveloop adapters promote V``).
 
 Canary: users for whom ``in_canary(user, canary, fraction)`` holds are served the canary, everyone else the live
-version, over the same period. At every look (each ``tick``) a sequential probability ratio test (Wald's SPRT,
-Gaussian approximation of the difference of thumbs-up rates) weighs H1 "canary = live + ``canary_effect``"
-against H0 "canary = live" and promotes, rejects, or keeps collecting (``canary_outcome``). Its boundaries are
-meant for a look after every rating; ``simulate_canaries`` measures its error rates looking that often. Only
-ratings that can decide are counted (``Registry.thumbs`` with ``requested_model`` and ``max_per_user``):
-completions asked for by the alias, of identified users, the latest rating of each, at most
-``max_ratings_per_user`` per user and side.
+version, over the same period; a request of theirs for two answers gets one of each. At every look (each
+``tick``) a sequential probability ratio test (Wald's SPRT) weighs H1 "the canary is better" against H0 "it is
+as good as live" and promotes, rejects, or keeps collecting (``canary_outcome``). Its evidence is of two kinds,
+independent observations whose log-likelihood ratios add up to the one of all the data:
+- thumbs: the difference of thumbs-up rates (Gaussian approximation), H1 "canary = live + ``canary_effect``";
+- paired votes: a comparison of a live and a canary answer to the same request, H1 "P(canary preferred) =
+  ½ + ``canary_vote_effect``". A vote compares the two versions on the same prompt and the same rater, so the
+  rater's own leniency cancels out, which a difference of thumbs from two groups of users cannot do.
+One SPRT on the sum keeps Wald's error rates (α, β) whatever the mix of thumbs and votes, without splitting α
+between two tests. Its boundaries are meant for a look after every rating; ``simulate_canaries`` measures its
+error rates looking that often. Only ratings that can decide are counted (``Registry.thumbs`` and
+``Registry.votes`` with ``requested_model`` and ``max_per_user``): completions asked for by the alias, of
+identified users, the latest rating or ranking of each, at most ``max_ratings_per_user`` per user and side (or
+votes per user).
 
 Rollback: for ``rollback_window_s`` after a promotion, the new version's ratings since its promotion are compared
 with a fixed reference, its predecessor's ratings in the ``rollback_window_s`` before the promotion, by a
 one-sided open SPRT of H1 "new = reference − ``rollback_effect``": it rolls back once the likelihood ratio
-reaches 1 / ``rollback_alpha`` (``rollback_due``), and otherwise watches until the window closes.
+reaches 1 / ``rollback_alpha`` (``rollback_due``), and otherwise watches until the window closes. Thumbs are the
+safety net here, votes have no say: once promoted, nothing serves the predecessor beside the new version to be
+compared with.
 
 Every decision is a registry transition whose audit details carry its statistics. Decisions are guarded
 (``expect``): when several processes run the monitor, one acts and the others' identical verdicts are refused.
@@ -34,10 +43,11 @@ import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from statistics import NormalDist
 
 import numpy as np
 
-from liveloop.registry import IllegalTransition, Kind, Registry, State, Thumbs
+from liveloop.registry import IllegalTransition, Kind, Registry, State, Thumbs, Votes
 from liveloop.settings import Settings
 from liveloop.tables import AdapterVersion, utcnow
 
@@ -73,6 +83,13 @@ def difference_log_lr(new_up, new_n, ref_up, ref_n, effect: float):
     return effect * d / variance - effect**2 / (2 * variance)
 
 
+def preference_log_lr(wins, votes, effect: float):
+    """log Λ of H1 "P(canary preferred) = ½ + effect" against H0 "= ½", from the canary's ``wins`` among ``votes``
+    paired votes. Each vote is a Bernoulli draw, so the ratio is exact:
+    log Λ = wins·log(1 + 2·effect) + (votes − wins)·log(1 − 2·effect)."""
+    return wins * math.log1p(2 * effect) + (votes - wins) * math.log1p(-2 * effect)
+
+
 class Outcome(StrEnum):
     CONTINUE = "continue"  # neither boundary crossed: keep collecting
     PROMOTE = "promote"  # log Λ ≥ log((1 − β)/α): the canary is better than live
@@ -82,18 +99,20 @@ class Outcome(StrEnum):
 
 @dataclass(frozen=True)
 class CanaryRule:
-    """Wald's SPRT of H0 "canary = live" against H1 "canary = live + effect", truncated at ``max_ratings``."""
+    """Wald's SPRT of H0 "canary = live" against H1 "canary better" (thumbs-up rate + ``effect``, preferred in a
+    paired vote with probability ½ + ``vote_effect``), truncated at ``max_ratings``."""
 
     alpha: float  # P(promote | H0), before truncation and approximation
     beta: float  # P(reject | H1)
     effect: float
-    min_ratings: int  # each side, before the first look (the variance is estimated)
-    max_ratings: int  # both sides together
+    min_ratings: int  # thumbs of each side before they count (their variance is estimated), or votes to look
+    max_ratings: int  # thumbs of both sides and votes together
+    vote_effect: float
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CanaryRule:
         return cls(settings.canary_alpha, settings.canary_beta, settings.canary_effect,
-                   settings.canary_min_ratings, settings.canary_max_ratings)
+                   settings.canary_min_ratings, settings.canary_max_ratings, settings.canary_vote_effect)
 
     @property
     def bounds(self) -> tuple[float, float]:
@@ -101,15 +120,27 @@ class CanaryRule:
         return math.log(self.beta / (1 - self.alpha)), math.log((1 - self.beta) / self.alpha)
 
 
-def canary_outcome(new_up, new_n, live_up, live_n, rule: CanaryRule, collected=None) -> np.ndarray:
-    """The decision at one look, elementwise: an array of ``Outcome`` values. ``collected``: the ratings the two
-    sides have gathered before the per-user cap (default ``new_n + live_n``); ``max_ratings`` applies to it, so a
-    canary whose few users have all reached their cap still ends."""
-    new_up, new_n, live_up, live_n = np.broadcast_arrays(*map(np.asarray, (new_up, new_n, live_up, live_n)))
-    collected = new_n + live_n if collected is None else np.asarray(collected)
-    ready = (new_n >= rule.min_ratings) & (live_n >= rule.min_ratings)
+def canary_log_lr(new_up, new_n, live_up, live_n, wins, votes, rule: CanaryRule) -> tuple[np.ndarray, np.ndarray]:
+    """(log Λ of all the evidence, whether it may be looked at), elementwise: the thumbs' term once each side has
+    ``min_ratings`` (before, their variance is a guess), plus the votes' term (exact from the first vote). A look
+    needs the thumbs' term or ``min_ratings`` votes."""
+    new_up, new_n, live_up, live_n, wins, votes = np.broadcast_arrays(
+        *map(np.asarray, (new_up, new_n, live_up, live_n, wins, votes)))
+    thumbs_ready = (new_n >= rule.min_ratings) & (live_n >= rule.min_ratings)
     with np.errstate(divide="ignore", invalid="ignore"):
-        log_lr = difference_log_lr(new_up, new_n, live_up, live_n, rule.effect)
+        thumbs = np.where(thumbs_ready, difference_log_lr(new_up, new_n, live_up, live_n, rule.effect), 0.0)
+    return thumbs + preference_log_lr(wins, votes, rule.vote_effect), thumbs_ready | (votes >= rule.min_ratings)
+
+
+def canary_outcome(new_up, new_n, live_up, live_n, rule: CanaryRule, collected=None, *, wins=0,
+                   votes=0) -> np.ndarray:
+    """The decision at one look, elementwise: an array of ``Outcome`` values. ``wins`` of ``votes``: the paired
+    votes the canary won. ``collected``: the thumbs and votes gathered before the per-user cap (default
+    ``new_n + live_n + votes``); ``max_ratings`` applies to it, so a canary whose few users have all reached their
+    cap still ends."""
+    log_lr, ready = canary_log_lr(new_up, new_n, live_up, live_n, wins, votes, rule)
+    collected = np.asarray(new_n) + np.asarray(live_n) + np.asarray(votes) if collected is None else np.asarray(
+        collected)
     reject_below, promote_above = rule.bounds
     return np.select(
         [ready & (log_lr >= promote_above), ready & (log_lr <= reject_below), collected >= rule.max_ratings],
@@ -194,17 +225,21 @@ class Promoter:
         sides, since = [canary.name, routing.live], canary.state_changed_at
         counts = self.deciding_thumbs(sides, since=since, until=now)
         new, live = counts.get(canary.name, Thumbs()), counts.get(routing.live, Thumbs())
+        votes = self.deciding_votes(canary.name, routing.live, since=since, until=now)
         collected = self._collected(canary, routing.live, now)
         rule = CanaryRule.from_settings(self.settings)
-        outcome = Outcome(canary_outcome(new.up, new.n, live.up, live.n, rule, collected).item())
+        outcome = Outcome(canary_outcome(new.up, new.n, live.up, live.n, rule, collected, wins=votes.won,
+                                         votes=votes.n).item())
         if outcome is Outcome.CONTINUE:
             self._supersede(canary, collected)
             return
-        details = {**_counts(new, live), "collected": collected, "live": routing.live, "outcome": outcome.value,
-                   "log_lr": _log_lr(new, live, rule.effect), "bounds": list(rule.bounds), "alpha": rule.alpha,
-                   "beta": rule.beta, "effect": rule.effect, "max_ratings": rule.max_ratings,
+        log_lr, _ = canary_log_lr(new.up, new.n, live.up, live.n, votes.won, votes.n, rule)
+        details = {**_counts(new, live), "votes_won": votes.won, "votes_n": votes.n, "collected": collected,
+                   "live": routing.live, "outcome": outcome.value, "log_lr": float(log_lr),
+                   "bounds": list(rule.bounds), "alpha": rule.alpha, "beta": rule.beta, "effect": rule.effect,
+                   "vote_effect": rule.vote_effect, "max_ratings": rule.max_ratings,
                    "max_ratings_per_user": self.settings.max_ratings_per_user}
-        reason = _canary_reason(outcome, new, live, rule)
+        reason = _canary_reason(outcome, new, live, votes, rule)
         if outcome is Outcome.PROMOTE:
             self.registry.promote(canary.name, actor=CANARY_ACTOR, reason=reason, details=details,
                                   expect=State.CANARY)
@@ -224,10 +259,13 @@ class Promoter:
         return bool(limit) and self._collected(self.registry.get(routing.canary), routing.live, now or utcnow()) >= limit
 
     def _collected(self, canary: AdapterVersion, live: str | None, now: datetime) -> int:
-        """Ratings of both sides since the canary started (every user's, through the alias)."""
-        thumbs = self.registry.thumbs([canary.name, live], since=canary.state_changed_at, until=now,
+        """Ratings of both sides since the canary started (every user's, through the alias), and comparisons of
+        the two."""
+        since = canary.state_changed_at
+        thumbs = self.registry.thumbs([canary.name, live], since=since, until=now,
                                       requested_model=self.settings.model_alias)
-        return sum(t.n for t in thumbs.values())
+        votes = self.deciding_votes(canary.name, live, since=since, until=now)
+        return votes.compared + sum(t.n for t in thumbs.values())
 
     def _supersede(self, canary: AdapterVersion, collected: int) -> None:
         """Reject a canary undecided after ``canary_supersede_ratings`` when a newer approved version was trained
@@ -275,6 +313,11 @@ class Promoter:
         return self.registry.thumbs(versions, since=since, until=until, requested_model=self.settings.model_alias,
                                     max_per_user=self.settings.max_ratings_per_user)
 
+    def deciding_votes(self, canary: str, live: str | None, *, since: datetime, until: datetime) -> Votes:
+        """The paired votes a decision may count, on the same terms as ``deciding_thumbs``."""
+        return self.registry.votes(canary, live, since=since, until=until, requested_model=self.settings.model_alias,
+                                   max_per_user=self.settings.max_ratings_per_user)
+
     def _newly_promoted(self, live: AdapterVersion, now: datetime) -> bool:
         """Within the rollback window of a real promotion (not of a rollback's return to a retired version)."""
         if now - _utc(live.state_changed_at) > timedelta(seconds=self.settings.rollback_window_s):
@@ -304,8 +347,10 @@ def _rate(thumbs: Thumbs) -> str:
     return "-" if thumbs.rate is None else f"{thumbs.rate:.3f}"
 
 
-def _canary_reason(outcome: Outcome, new: Thumbs, live: Thumbs, rule: CanaryRule) -> str:
+def _canary_reason(outcome: Outcome, new: Thumbs, live: Thumbs, votes: Votes, rule: CanaryRule) -> str:
     rates = f"thumbs-up {_rate(new)} (n={new.n}) against live's {_rate(live)} (n={live.n})"
+    if votes.n:
+        rates += f", preferred in {votes.won} of {votes.n} paired votes"
     return {
         Outcome.PROMOTE: f"{rates}: better than live (SPRT, alpha={rule.alpha}, beta={rule.beta})",
         Outcome.REJECT: f"{rates}: not better than live by {rule.effect} (SPRT, alpha={rule.alpha}, beta={rule.beta})",
@@ -321,22 +366,43 @@ def _utc(moment: datetime) -> datetime:
 # --- binomial simulation of the rules (tests/core/test_promotion.py, bench/canary.py) ----------------------------
 
 
+def latent_preference(p_canary, p_live):
+    """P(canary preferred) in a paired vote, for thumbs-up rates ``p_canary`` and ``p_live`` (Thurstone's model): a
+    rater sees an answer's quality plus N(0, 1) noise, presses thumbs up when it is above their threshold and
+    prefers the better of two answers, so P = Φ((Φ⁻¹(p_canary) − Φ⁻¹(p_live)) / √2). Ten points better at a
+    thumbs-up rate of 0.3 is preferred 57.6 % of the time."""
+    z = NormalDist().inv_cdf
+    return NormalDist().cdf((z(p_canary) - z(p_live)) / math.sqrt(2))
+
+
+def coin_preference(p_canary, p_live):
+    """P(canary preferred) when a vote is only two thumbs, a coin deciding between two ups or two downs:
+    ½ + (p_canary − p_live)/2. The least a vote can carry; ten points better is preferred 55 % of the time."""
+    return 0.5 + (np.asarray(p_canary) - np.asarray(p_live)) / 2
+
+
 def simulate_canaries(p_canary: float, p_live: float, rule: CanaryRule, *, fraction: float, canaries: int,
-                      seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``canaries`` independent canaries whose ratings arrive one at a time, each on the canary side with
-    probability ``fraction`` and up with that side's rate; ``canary_outcome`` looks after every rating (the most
-    often production can look). Returns each canary's outcome and the ratings (both sides) it took."""
+                      seed: int, comparisons: float = 0.0,
+                      preference=latent_preference) -> tuple[np.ndarray, np.ndarray]:
+    """``canaries`` independent canaries whose ratings arrive one at a time from users on the canary's side with
+    probability ``fraction``. A rating is a comparison of two answers with probability ``comparisons``, else a
+    thumb, up with its side's rate; a comparison by a user of the canary's side is a paired vote, won by the canary
+    with probability ``preference(p_canary, p_live)``, one by another user compares two live answers and says
+    nothing of the canary. ``canary_outcome`` looks after every rating (the most often production can look).
+    Returns each canary's outcome and the ratings (of every user, thumbs and comparisons) it took."""
     rng = np.random.default_rng(seed)
-    on_canary = rng.random((canaries, rule.max_ratings)) < fraction  # (C, N)
-    up = rng.random((canaries, rule.max_ratings)) < np.where(on_canary, p_canary, p_live)
-    return _first_decisions(on_canary, up, rule)
+    in_slice = rng.random((canaries, rule.max_ratings)) < fraction  # (C, N)
+    p_up = np.where(in_slice, p_canary, p_live)
+    return _first_decisions(in_slice, p_up, preference(p_canary, p_live), comparisons, rule, rng)
 
 
 def simulate_user_canaries(p_canary: float, p_live: float, rule: CanaryRule, *, fraction: float, users: int,
-                           rate_sd: float, canaries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+                           rate_sd: float, canaries: int, seed: int, comparisons: float = 0.0,
+                           preference=latent_preference) -> tuple[np.ndarray, np.ndarray]:
     """As ``simulate_canaries``, but the ratings come from ``users`` users taking turns at random, each on one side
     for the whole canary (as the stable hash puts them), and each with a thumbs-up rate of their own: Beta with
-    mean ``p_live`` and standard deviation ``rate_sd``, plus ``p_canary − p_live`` when served the canary."""
+    mean ``p_live`` and standard deviation ``rate_sd``, plus ``p_canary − p_live`` when served the canary. A
+    user's vote follows ``preference`` at their own two rates."""
     rng = np.random.default_rng(seed)
     if rate_sd > 0:
         strength = p_live * (1 - p_live) / rate_sd**2 - 1
@@ -345,18 +411,30 @@ def simulate_user_canaries(p_canary: float, p_live: float, rule: CanaryRule, *, 
         rates = np.full((canaries, users), p_live)
     inside = rng.random((canaries, users)) < fraction  # (C, U)
     who = rng.integers(0, users, size=(canaries, rule.max_ratings))  # (C, N)
-    on_canary = np.take_along_axis(inside, who, axis=1)
-    p_up = np.take_along_axis(rates, who, axis=1) + np.where(on_canary, p_canary - p_live, 0.0)
-    return _first_decisions(on_canary, rng.random(p_up.shape) < p_up, rule)
+    canary_rates = np.clip(rates + p_canary - p_live, 1e-6, 1 - 1e-6)  # (C, U)
+    preferred = np.vectorize(preference)(canary_rates, rates) if comparisons > 0 else np.full_like(rates, 0.5)
+    in_slice = np.take_along_axis(inside, who, axis=1)
+    p_up = np.take_along_axis(np.where(inside, canary_rates, rates), who, axis=1)
+    return _first_decisions(in_slice, p_up, np.take_along_axis(preferred, who, axis=1), comparisons, rule, rng)
 
 
-def _first_decisions(on_canary: np.ndarray, up: np.ndarray, rule: CanaryRule) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's outcome at its first look that decides, and the ratings that took; looks after every rating."""
-    new_n = np.cumsum(on_canary, axis=1)  # (C, N)
-    live_n = np.arange(1, on_canary.shape[1] + 1) - new_n
-    outcomes = canary_outcome(np.cumsum(up & on_canary, axis=1), new_n, np.cumsum(up & ~on_canary, axis=1),
-                              live_n, rule)  # the last column is decided (CAP at the latest)
-    first = np.argmax(outcomes != Outcome.CONTINUE, axis=1)
+def _first_decisions(in_slice: np.ndarray, p_up: np.ndarray, preferred, comparisons: float, rule: CanaryRule,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's outcome at its first look that decides, and the ratings that took; looks after every rating.
+    ``in_slice`` (C, N): the rater is on the canary's side; ``p_up`` (C, N): the thumbs-up rate of what they rate;
+    ``preferred``: P(canary preferred) of a vote."""
+    up = rng.random(in_slice.shape) < p_up  # (C, N)
+    compared = np.zeros_like(in_slice)  # with no comparisons, no draws: the thumbs-only figures stay as they were
+    won = np.zeros_like(in_slice)
+    if comparisons > 0:
+        compared = rng.random(in_slice.shape) < comparisons
+        won = rng.random(in_slice.shape) < preferred
+    vote, on_canary, on_live = in_slice & compared, in_slice & ~compared, ~in_slice & ~compared
+    outcomes = canary_outcome(np.cumsum(up & on_canary, axis=1), np.cumsum(on_canary, axis=1),
+                              np.cumsum(up & on_live, axis=1), np.cumsum(on_live, axis=1), rule,
+                              np.arange(1, in_slice.shape[1] + 1),  # every rating counts towards the cap
+                              wins=np.cumsum(vote & won, axis=1), votes=np.cumsum(vote, axis=1))
+    first = np.argmax(outcomes != Outcome.CONTINUE, axis=1)  # the last column is decided (CAP at the latest)
     return outcomes[np.arange(len(outcomes)), first], first + 1
 
 

@@ -43,6 +43,7 @@ from liveloop.tables import (
     AdapterHead,
     AdapterTransition,
     AdapterVersion,
+    Comparison,
     Completion,
     Feedback,
     OutboxMessage,
@@ -117,6 +118,15 @@ class Thumbs:
     def rate(self) -> float | None:
         """The thumbs-up rate; None before any rating."""
         return self.up / self.n if self.n else None
+
+
+@dataclass(frozen=True)
+class Votes:
+    """Paired votes of a canary against live: comparisons that rank an answer of each to the same request."""
+
+    won: int = 0  # the canary's answer ranked above live's
+    n: int = 0
+    compared: int = 0  # comparisons of answers of the two versions only, votes or not, before any per-user cap
 
 
 @dataclass(frozen=True)
@@ -245,6 +255,42 @@ class Registry:
             for version, rating, n in session.execute(query):
                 counts.setdefault(version, {})[rating] = n
         return {version: Thumbs(up=c.get("up", 0), down=c.get("down", 0)) for version, c in counts.items()}
+
+    def votes(self, canary: str, live: str | None, *, since: datetime, until: datetime,
+              requested_model: str | None = None, max_per_user: int | None = None) -> Votes:
+        """The paired votes of ``canary`` against ``live`` (None: the base model): the latest comparison of each
+        request whose answers were created in [since, until) and which ranks an answer of each. ``requested_model``
+        and ``max_per_user`` as in ``thumbs`` (the earliest votes of each identified user count)."""
+        newer = aliased(Comparison)
+        latest = ~exists().where(newer.request_id == Comparison.request_id, newer.revision > Comparison.revision)
+        query = (select(Comparison.request_id, Comparison.ranking, Completion.id, Completion.adapter_version,
+                        Completion.created_at, user_identity().label("user"))
+                 .join(Completion, Completion.request_id == Comparison.request_id)
+                 .where(latest, Completion.created_at >= since, Completion.created_at < until))
+        if requested_model is not None:
+            query = query.where(Completion.requested_model == requested_model)
+        requests: dict[str, dict] = {}
+        with self._sessions() as session:
+            for row in session.execute(query):
+                request = requests.setdefault(row.request_id, {"ranking": row.ranking, "versions": {},
+                                                               "at": row.created_at, "user": row.user})
+                request["versions"][row.id] = row.adapter_version
+        won, n, compared, per_user = 0, 0, 0, {}
+        for request in sorted(requests.values(), key=lambda r: r["at"]):
+            ranked = [request["versions"][c] for c in request["ranking"] if c in request["versions"]]
+            if len(ranked) < len(request["ranking"]) or not set(ranked) <= {canary, live}:
+                continue  # an answer outside the window, pinned elsewhere, or of a third version
+            compared += 1
+            if {canary, live} != set(ranked):
+                continue  # two answers of one version: no vote
+            if max_per_user is not None:
+                user = request["user"]
+                per_user[user] = per_user.get(user, 0) + 1
+                if user is None or per_user[user] > max_per_user:
+                    continue
+            n += 1
+            won += ranked.index(canary) < ranked.index(live)
+        return Votes(won=won, n=n, compared=compared)
 
     def ancestry(self, name: str) -> list[AdapterVersion]:
         """``name`` and its parents, newest first, back to the version trained from the base model."""

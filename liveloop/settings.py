@@ -258,6 +258,12 @@ class Settings(BaseSettings):
         0.1, gt=0, lt=1,
         description="H1 of the canary's SPRT: the canary's thumbs-up rate exceeds live's by this much (H0: equal).",
     )
+    canary_vote_effect: float = Field(
+        0.075, gt=0, lt=0.5,
+        description="H1 of the canary's SPRT for paired votes (a live and a canary answer compared): the canary is "
+        "preferred with probability 0.5 + this (H0: 0.5). 0.075 is what canary_effect means at thumbs-up rates of "
+        "0.2-0.5 when a rater prefers the answer they like more (Thurstone; promotion.latent_preference).",
+    )
     canary_alpha: float = Field(
         0.005, gt=0, lt=0.5,
         description="Nominal probability of promoting a canary no better than live (README: measured rates).",
@@ -275,7 +281,8 @@ class Settings(BaseSettings):
     )
     canary_max_ratings: int = Field(
         1600, ge=2,
-        description="Ratings of both sides together after which a canary still undecided is rejected (no evidence).",
+        description="Ratings (thumbs of both sides and comparisons of the two) after which a canary still undecided "
+        "is rejected (no evidence).",
     )
     canary_supersede_ratings: int = Field(
         400, ge=0,

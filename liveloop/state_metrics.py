@@ -105,6 +105,14 @@ class StateCollector(Collector):
             low.add_metric(key, bounds[0])
             high.add_metric(key, bounds[1])
         yield from (n, rate, low, high)
+        if "canary" in roles:
+            votes = self.promoter.deciding_votes(roles["canary"], roles["live"], since=since, until=now)
+            family = GaugeMetricFamily("liveloop_decision_paired_votes", "Paired votes (a canary and a live answer "
+                                       "to one request compared) the promotion monitor counts, by the version "
+                                       "preferred.", labels=["role", "version"])
+            family.add_metric(["canary", _label(roles["canary"])], votes.won)
+            family.add_metric(["live", _label(roles["live"])], votes.n - votes.won)
+            yield family
 
     def _since(self, name: str | None) -> datetime:
         """When ``name`` took its place in the routing; the epoch for the base model."""

@@ -21,7 +21,7 @@ from liveloop.db import make_engine, make_sessionmaker, migrate
 from liveloop.model import prepare_base_model
 from liveloop.registry import Registry
 from liveloop.settings import Settings
-from liveloop.tables import Completion, Feedback, utcnow
+from liveloop.tables import Comparison, Completion, Feedback, utcnow
 
 REPO = Path(__file__).resolve().parent.parent
 # Converted once per checkout and kept between runs: the GGUF conversion takes ~40 s.
@@ -158,14 +158,8 @@ def rate(registry_db: RegistryDB):
         at = at or utcnow()
         with registry_db.sessions.begin() as session:
             for i, rating in enumerate(["up"] * up + ["down"] * down):
-                completion = Completion(
-                    id=uuid.uuid4().hex, created_at=at, user_id=f"user-{i}" if user == "" else user,
-                    end_user=end_user, requested_model=requested_model,
-                    adapter_version=version, messages=[{"role": "user", "content": "hi"}], prompt_token_ids=[1],
-                    response_token_ids=[2], response_text="hello", behaviour_logprobs=[-0.5],
-                    sampling_params={}, dtype="float32", finish_reason="stop", prompt_tokens=1,
-                    completion_tokens=1, latency_ms=1.0,
-                )
+                completion = _completion(version, at=at, user_id=f"user-{i}" if user == "" else user,
+                                         end_user=end_user, requested_model=requested_model)
                 session.add(completion)
                 session.flush()
                 history = ["up", rating] if rating == "down" and i - up < changed_mind else [rating]
@@ -175,6 +169,45 @@ def rate(registry_db: RegistryDB):
                     session.flush()
 
     return add
+
+
+@pytest.fixture
+def compare(registry_db: RegistryDB):
+    """Add requests answered once by ``first`` and once by ``second`` (None: the base model) and the latest
+    comparison of each: ``compare(first, second, first_wins=, second_wins=, at=datetime, changed_mind=0, user=…,
+    requested_model="liveloop")``; ``changed_mind`` of the first's wins were first ranked the other way. Each
+    request has a user of its own (``user-<i>``) unless ``user`` names one (None: no API-key identity)."""
+
+    def add(first: str | None, second: str | None, *, first_wins: int = 0, second_wins: int = 0,
+            at: datetime | None = None, changed_mind: int = 0, user: str | None = "",
+            requested_model: str = "liveloop") -> None:
+        at = at or utcnow()
+        with registry_db.sessions.begin() as session:
+            for i, first_won in enumerate([True] * first_wins + [False] * second_wins):
+                request_id, user_id = uuid.uuid4().hex, f"user-{i}" if user == "" else user
+                answers = [_completion(version, at=at, user_id=user_id, requested_model=requested_model,
+                                       request_id=request_id, choice_index=index)
+                           for index, version in enumerate((first, second))]
+                session.add_all(answers)
+                session.flush()
+                ranking = [a.id for a in (answers if first_won else answers[::-1])]
+                history = [ranking[::-1], ranking] if first_won and i < changed_mind else [ranking]
+                for revision, ranked in enumerate(history, start=1):
+                    session.add(Comparison(id=uuid.uuid4().hex, request_id=request_id, revision=revision,
+                                           ranking=ranked, user_id=user_id, created_at=at))
+                    session.flush()
+
+    return add
+
+
+def _completion(version: str | None, *, at: datetime, user_id: str | None, requested_model: str,
+                **fields) -> Completion:
+    """A stored completion served by ``version`` (None: the base model) to ``user_id``."""
+    return Completion(id=uuid.uuid4().hex, created_at=at, user_id=user_id, requested_model=requested_model,
+                      adapter_version=version, messages=[{"role": "user", "content": "hi"}], prompt_token_ids=[1],
+                      response_token_ids=[2], response_text="hello", behaviour_logprobs=[-0.5], sampling_params={},
+                      dtype="float32", finish_reason="stop", prompt_tokens=1, completion_tokens=1, latency_ms=1.0,
+                      **fields)
 
 
 # --- Kafka ----------------------------------------------------------------------------------------

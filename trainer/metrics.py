@@ -27,7 +27,14 @@ REWARD_MODEL_BALANCED_ACCURACY = Gauge(
     "Reward model held-out balanced accuracy (mean of the accuracy on thumbs up and on thumbs down; a constant "
     "score gets 0.5); NaN while the held-out split lacks either thumb, or there is no reward model",
 )
-REWARD_MODEL_BALANCED_ACCURACY.set(math.nan)  # a gauge starts at 0, which would read as "always wrong"
+REWARD_MODEL_COMPARISON_ACCURACY = Gauge(
+    "liveloop_trainer_reward_model_heldout_comparison_accuracy",
+    "Reward model held-out accuracy on comparisons: the share of (preferred, ranked below) pairs of comparisons it "
+    "never trained on that it scores in the user's order (a tie counts half); NaN before any such comparison, or "
+    "without a reward model",
+)
+for gauge in (REWARD_MODEL_BALANCED_ACCURACY, REWARD_MODEL_COMPARISON_ACCURACY):
+    gauge.set(math.nan)  # a gauge starts at 0, which would read as "always wrong"
 BEHAVIOUR_MISMATCH = Gauge(
     "liveloop_trainer_behaviour_logprob_mismatch_nats",
     "Mean |recomputed − recorded| behaviour log-prob of logged samples served by the trainer's current version",

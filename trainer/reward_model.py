@@ -10,22 +10,26 @@ last token's state at a third and at the top (a taste can be about what an answe
 it ends). The features are the base model's, with every adapter switched off, so they never change: each rated
 answer runs through the trunk once, and its features are kept with its rating.
 
-Training (Ziegler et al. 2019; Ouyang et al. 2022, with single ratings instead of rankings), on the whole buffer
-at every increment, from scratch, with L-BFGS (the loss is convex, so there is no learning rate or epoch count to
-tune, and the result does not depend on the order ratings arrived in):
+Training (Ziegler et al. 2019; Ouyang et al. 2022), on the whole buffer at every increment, from scratch, with
+L-BFGS (the loss is convex, so there is no learning rate or epoch count to tune, and the result does not depend on
+the order ratings arrived in):
 - pointwise: every rated response, logistic loss of the score against the thumb (up = 1, down = 0);
-- pairwise: where one prompt has both an up- and a down-rated response, Bradley–Terry −log σ(r_up − r_down);
+- pairwise, Bradley–Terry −log σ(r_better − r_worse): where one prompt has both an up- and a down-rated response,
+  and in every comparison (responses to one request ranked by a user), the preferred response against each one
+  ranked below it;
 - an L2 penalty λ‖w‖² on standardised features, λ chosen from ``l2_grid`` by k-fold cross-validation on the
   training split: the right strength differs with the taste and grows less important as ratings accumulate.
-Labelled examples are kept in a bounded buffer keyed by completion id, holding each completion's latest rating by
-revision (a change of mind replaces the earlier rating whatever order the events arrive in). A stable hash of the
-completion id puts a fixed fraction of examples in a held-out split that is never trained on.
+Thumbs are kept in a bounded buffer keyed by completion id, comparisons in one keyed by request id, each holding
+the latest revision (a change of mind replaces the earlier one whatever order the events arrive in). A stable
+hash puts a fixed fraction of completions, and of comparisons, in a held-out split that is never trained on; a
+comparison and the thumbs of its responses are held out together.
 
 What PPO gets is ``reward``: the score normalised to mean 0 and standard deviation 1 over the training split, so
 its scale means the same whatever the taste. PPO uses the reward model only while it is ``usable``: its held-out
-balanced accuracy is above chance with confidence (a one-sided normal bound, ``usable_z``), over every prediction
-made for a rating its model did not train on (the held-out split, and the cross-validation's out-of-fold
-predictions). A reward model at chance would only teach the policy noise.
+balanced accuracy on thumbs, or its held-out accuracy on comparisons (the share of pairs it orders as the user
+did), is above chance with confidence (a one-sided normal bound, ``usable_z``), over every prediction made for a
+rating its model did not train on (the held-out split, and the cross-validation's out-of-fold predictions). A
+reward model at chance would only teach the policy noise.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from trainer.heldout import REWARD_MODEL_SPLIT, heldout_key, is_heldout
 from trainer.tokens import left_pad, position_ids
 
 if TYPE_CHECKING:
-    from feedback.events import FeedbackEvent
+    from feedback.events import ComparisonEvent, FeedbackEvent
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +69,12 @@ class RewardModelConfig:
     cv_folds: int = 4  # folds of the cross-validation that picks λ
     max_iter: int = 100  # L-BFGS iterations per fit
     pairwise_weight: float = 1.0  # weight of Bradley–Terry on up/down pairs of one prompt (rarer, more informative)
-    heldout_fraction: float = 0.1  # share of completion ids never trained on, for held-out balanced accuracy
-    max_examples: int = 4096  # bound of the labelled-example buffer; the oldest ratings are dropped first
+    heldout_fraction: float = 0.1  # share of completion ids (and of comparisons) never trained on, for the held-out
+    # accuracies
+    max_examples: int = 4096  # bound of each buffer (thumbs, comparisons); the oldest are dropped first
     usable_z: float = 2.33  # PPO trusts the model when balanced accuracy − z·SE > 0.5 (one-sided 99 %)
     usable_min_per_thumb: int = 8  # ... and the buffer holds at least this many of each thumb
+    usable_min_comparisons: int = 16  # or: comparison accuracy − z·SE > 0.5 on at least this many unseen pairs
     batch_size: int = 16  # sequences per feature forward: bounds the memory of all layers' hidden states
 
     def __post_init__(self) -> None:  # settings JSON gives lists; a frozen, saved config keeps tuples
@@ -97,6 +103,36 @@ class RatedResponse:
         return cls(event.completion_id, tuple(event.prompt_token_ids), tuple(event.response_token_ids),
                    event.rating == "up", event.revision)
 
+    @property
+    def key(self) -> str:
+        return self.completion_id
+
+
+@dataclass(frozen=True)
+class ComparedResponse:
+    completion_id: str
+    prompt_ids: tuple[int, ...]
+    response_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RankedResponses:
+    """Responses to one request ranked by a user, best first (a comparison), as the feedback stream delivers it."""
+
+    request_id: str
+    ranking: tuple[ComparedResponse, ...]  # best first, at least two
+    revision: int = 1  # a later ranking of the request's responses replaces an earlier one, never the reverse
+
+    @classmethod
+    def from_event(cls, event: ComparisonEvent) -> RankedResponses:
+        return cls(event.request_id, tuple(ComparedResponse(c.completion_id, tuple(c.prompt_token_ids),
+                                                            tuple(c.response_token_ids)) for c in event.ranking),
+                   event.revision)
+
+    @property
+    def key(self) -> str:
+        return self.request_id
+
 
 @dataclass(frozen=True)
 class RewardModelMetrics:
@@ -112,11 +148,17 @@ class RewardModelMetrics:
     # thumbs are among them
     heldout_balanced_accuracy: float | None
     heldout_balanced_accuracy_low: float | None  # its one-sided lower bound at usable_z; None with heldout None
-    usable: bool  # PPO may use the model: the lower bound is above 0.5 on enough held-out thumbs
-    n_examples: int  # labelled examples in the buffer
+    # share of the pairs (preferred, ranked below) of comparisons their model never trained on that it scores in
+    # the user's order (a tie counts half: a constant score gets 0.5); None without such a comparison
+    heldout_comparison_accuracy: float | None
+    heldout_comparison_accuracy_low: float | None  # its one-sided lower bound at usable_z
+    usable: bool  # PPO may use the model: a lower bound is above 0.5 on enough held-out thumbs or comparisons
+    n_examples: int  # thumbs in the buffer
     n_train: int
     n_heldout: int
-    n_pairs: int  # up/down pairs of one prompt in the training split
+    n_pairs: int  # Bradley–Terry pairs in the training split: up/down of one prompt, and of comparisons
+    n_comparisons: int = 0  # comparisons in the buffer
+    n_heldout_comparisons: int = 0
 
 
 def pointwise_loss(scores: torch.Tensor, thumbs_up: torch.Tensor) -> torch.Tensor:
@@ -127,6 +169,31 @@ def pointwise_loss(scores: torch.Tensor, thumbs_up: torch.Tensor) -> torch.Tenso
 def pairwise_loss(scores_up: torch.Tensor, scores_down: torch.Tensor) -> torch.Tensor:
     """Bradley–Terry: mean over pairs (P,) of −log σ(r_up − r_down)."""
     return -F.logsigmoid(scores_up - scores_down).mean()
+
+
+def ranking_pairs(comparisons: Sequence[RankedResponses], row: dict[str, int]) -> tuple[list[int], list[int]]:
+    """Indices (better, worse) of the preferred response of each comparison against each one ranked below it;
+    ``row`` maps a completion id to its index."""
+    pairs = [(row[c.ranking[0].completion_id], row[r.completion_id]) for c in comparisons for r in c.ranking[1:]]
+    return [b for b, _ in pairs], [w for _, w in pairs]
+
+
+def pair_accuracy(differences: torch.Tensor) -> float | None:
+    """Share of pairs (P,) whose score difference r_better − r_worse is positive, a tie counting half (so a
+    constant score gets 0.5); None without pairs."""
+    if len(differences) == 0:
+        return None
+    return ((differences > 0).float().mean() + 0.5 * (differences == 0).float().mean()).item()
+
+
+def pair_accuracy_low(differences: torch.Tensor, z: float) -> float | None:
+    """One-sided lower bound of ``pair_accuracy``: its value − z·√(a(1 − a)/n), a taken 1/(2n) from the edges."""
+    value = pair_accuracy(differences)
+    if value is None:
+        return None
+    n = len(differences)
+    edged = min(max(value, 1 / (2 * n)), 1 - 1 / (2 * n))
+    return value - z * math.sqrt(edged * (1 - edged) / n)
 
 
 def preference_pairs(examples: Sequence[RatedResponse]) -> tuple[list[int], list[int]]:
@@ -203,21 +270,23 @@ class Probe:
         return asdict(self)
 
 
-def fit_probe(features: torch.Tensor, thumbs_up: torch.Tensor, pairs: tuple[list[int], list[int]], *, l2: float,
+def fit_probe(features: torch.Tensor, labels: torch.Tensor, pairs: tuple[list[int], list[int]], *, l2: float,
               pairwise_weight: float, max_iter: int) -> tuple[Probe, dict[str, float]]:
-    """Minimise pointwise + pairwise_weight · pairwise + l2‖w‖² over features (N, D) with L-BFGS, from zero."""
+    """Minimise pointwise + pairwise_weight · pairwise + l2‖w‖² over features (N, D) with L-BFGS, from zero.
+    ``labels`` (N,): 1 thumb up, 0 down, NaN for a response only compared; ``pairs``: (better, worse) indices."""
     mean, std = features.mean(0), features.std(0).clamp(min=1e-6) if len(features) > 1 else torch.ones(1)
     x = (features - mean) / std  # (N, D)
     weight = torch.zeros(x.shape[1], requires_grad=True)
     bias = torch.zeros((), requires_grad=True)
-    up, down = pairs
+    rated, (better, worse) = ~labels.isnan(), pairs
     optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe")
 
-    def losses() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def losses() -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         scores = x @ weight + bias
-        point = pointwise_loss(scores, thumbs_up)
-        pair = pairwise_loss(scores[up], scores[down]) if up else None
-        total = point + l2 * weight.square().sum() + (pairwise_weight * pair if pair is not None else 0.0)
+        point = pointwise_loss(scores[rated], labels[rated]) if rated.any() else None
+        pair = pairwise_loss(scores[better], scores[worse]) if better else None
+        total = l2 * weight.square().sum() + sum(
+            term for term in (point, pairwise_weight * pair if pair is not None else None) if term is not None)
         return total, point, pair
 
     def closure() -> torch.Tensor:
@@ -229,7 +298,7 @@ def fit_probe(features: torch.Tensor, thumbs_up: torch.Tensor, pairs: tuple[list
     optimizer.step(closure)
     with torch.no_grad():
         total, point, pair = losses()
-    stats = {"loss": total.item(), "pointwise_loss": point.item(),
+    stats = {"loss": total.item(), "pointwise_loss": point.item() if point is not None else None,
              "pairwise_loss": pair.item() if pair is not None else None}
     return Probe(mean, std.expand_as(mean).clone(), weight.detach(), bias.detach()), stats
 
@@ -251,6 +320,7 @@ class RewardModel:
         hidden = model.get_base_model().config.hidden_size
         self.probe = probe or Probe.constant(hidden * (len(self._mean_layers) + len(self._last_layers)))
         self.examples: OrderedDict[str, RatedResponse] = OrderedDict()  # completion id → latest rating
+        self.comparisons: OrderedDict[str, RankedResponses] = OrderedDict()  # request id → latest ranking
         self._features: dict[str, torch.Tensor] = {}  # completion id → (D,) features, computed once
         self.last_metrics: RewardModelMetrics | None = None
 
@@ -280,18 +350,22 @@ class RewardModel:
                    increments=info["increments"] if same_features else 0,
                    normalizer=tuple(info["normalizer"]) if same_features else (0.0, 1.0))
 
-    def add(self, examples: Iterable[RatedResponse]) -> None:
-        """Buffer ratings: per completion the highest revision stays (an older one arriving late is ignored);
-        the oldest completions drop out past ``max_examples``."""
+    def add(self, examples: Iterable[RatedResponse | RankedResponses]) -> None:
+        """Buffer thumbs and comparisons: per completion (thumbs) or request (comparisons) the highest revision
+        stays (an older one arriving late is ignored); the oldest drop out past ``max_examples``."""
         for example in examples:
-            held = self.examples.get(example.completion_id)
+            buffer = self.comparisons if isinstance(example, RankedResponses) else self.examples
+            held = buffer.get(example.key)
             if held is not None and held.revision >= example.revision:
                 continue
-            self.examples.pop(example.completion_id, None)
-            self.examples[example.completion_id] = example
-        while len(self.examples) > self.config.max_examples:
-            dropped, _ = self.examples.popitem(last=False)
-            self._features.pop(dropped, None)
+            buffer.pop(example.key, None)
+            buffer[example.key] = example
+        for buffer in (self.examples, self.comparisons):
+            while len(buffer) > self.config.max_examples:
+                buffer.popitem(last=False)
+        kept = set(self.examples) | {r.completion_id for c in self.comparisons.values() for r in c.ranking}
+        for dropped in self._features.keys() - kept:
+            del self._features[dropped]
 
     @torch.no_grad()
     def features(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -322,62 +396,72 @@ class RewardModel:
 
     def train_increment(self) -> RewardModelMetrics:
         """Fit the probe on the whole training split (λ by cross-validation); then the normaliser and the held-out
-        balanced accuracy."""
-        train = [e for e in self.examples.values() if not self._heldout(e)]
-        config, stats, l2 = self.config, {}, None
-        unseen: tuple[torch.Tensor, torch.Tensor] | None = None  # (scores, thumbs) of out-of-fold predictions
-        if len({e.thumbs_up for e in train}) == 2:  # with one thumb only, there is nothing to separate
-            features = self._example_features(train)
-            thumbs = torch.tensor([e.thumbs_up for e in train])
-            l2, out_of_fold = self._choose_l2(train, features, thumbs)
-            self.probe, stats = fit_probe(features, thumbs, preference_pairs(train), l2=l2,
-                                          pairwise_weight=config.pairwise_weight, max_iter=config.max_iter)
+        accuracies."""
+        split, config, stats, l2 = self._split(), self.config, {}, None
+        unseen = _Unseen()  # out-of-fold predictions of the training split
+        rows, labels, pairs, compared = _training_rows(split.train, split.train_comparisons)
+        if len(set(labels[~labels.isnan()].tolist())) == 2 or compared[0]:  # something to separate or to order
+            features = self._example_features(rows)
+            l2, out_of_fold = self._choose_l2(rows, features, labels, pairs, compared)
+            self.probe, stats = fit_probe(features, labels, pairs, l2=l2, pairwise_weight=config.pairwise_weight,
+                                          max_iter=config.max_iter)
             scores = self.probe(features)
             self.normalizer = (float(scores.mean()), max(float(scores.std()), 1e-6))
-            predicted = ~out_of_fold.isnan()
-            unseen = (out_of_fold[predicted], thumbs[predicted])
+            unseen = _Unseen.of(out_of_fold, labels, compared)
         self.increments += 1
-        accuracy, low = self._heldout_accuracy(unseen)
+        accuracy, low = self._heldout_accuracy(split, unseen)
+        comparison_accuracy, comparison_low, n_compared = self._heldout_comparison_accuracy(split, unseen)
+        thumbs_usable = low is not None and low > 0.5 and self._thumbs() >= config.usable_min_per_thumb
+        comparisons_usable = (comparison_low is not None and comparison_low > 0.5
+                              and n_compared >= config.usable_min_comparisons)
         self.last_metrics = RewardModelMetrics(
             increment=self.increments, loss=stats.get("loss"), pointwise_loss=stats.get("pointwise_loss"),
             pairwise_loss=stats.get("pairwise_loss"), l2=l2,
             heldout_balanced_accuracy=accuracy, heldout_balanced_accuracy_low=low,
-            usable=low is not None and low > 0.5 and self._thumbs() >= config.usable_min_per_thumb,
-            n_examples=len(self.examples), n_train=len(train), n_heldout=len(self.examples) - len(train),
-            n_pairs=len(preference_pairs(train)[0]),
+            heldout_comparison_accuracy=comparison_accuracy, heldout_comparison_accuracy_low=comparison_low,
+            usable=thumbs_usable or comparisons_usable,
+            n_examples=len(self.examples), n_train=len(split.train), n_heldout=len(split.heldout),
+            n_pairs=len(pairs[0]), n_comparisons=len(self.comparisons),
+            n_heldout_comparisons=len(split.heldout_comparisons),
         )
         log.info("reward model increment %d: %s", self.increments, asdict(self.last_metrics))
         return self.last_metrics
 
-    def _choose_l2(self, train: list[RatedResponse], features: torch.Tensor, thumbs: torch.Tensor
+    def _choose_l2(self, rows: list[RatedResponse | ComparedResponse], features: torch.Tensor, labels: torch.Tensor,
+                   pairs: tuple[list[int], list[int]], compared: tuple[list[int], list[int]]
                    ) -> tuple[float, torch.Tensor]:
-        """The penalty of ``l2_grid`` with the least out-of-fold pointwise loss over ``cv_folds`` folds (by a
-        stable hash of the prompt, so the responses to one prompt, and their pairs, stay in one fold), and that
-        penalty's out-of-fold scores (N,) (NaN where a fold could not be fitted)."""
+        """The penalty of ``l2_grid`` with the least out-of-fold loss over ``cv_folds`` folds (by a stable hash of
+        the prompt, so the responses to one prompt, and their pairs, stay in one fold): the pointwise loss of the
+        thumbs and the Bradley–Terry loss of the comparisons (the up/down pairs only repeat the thumbs). Returns
+        that penalty's out-of-fold scores (N,) (NaN where a fold could not be fitted)."""
         config = self.config
-        fold = torch.tensor([int(heldout_key(str(e.prompt_ids), split=REWARD_MODEL_SPLIT) * config.cv_folds)
-                             for e in train])
-        out_of_fold = {l2: torch.full((len(train),), math.nan) for l2 in config.l2_grid}
+        fold = torch.tensor([int(heldout_key(str(r.prompt_ids), split=REWARD_MODEL_SPLIT) * config.cv_folds)
+                             for r in rows])
+        out_of_fold = {l2: torch.full((len(rows),), math.nan) for l2 in config.l2_grid}
         for k in range(config.cv_folds):
             rest = (fold != k).nonzero().squeeze(1)
             held = (fold == k).nonzero().squeeze(1)
-            if len(held) == 0 or len(set(thumbs[rest].tolist())) < 2:
+            rest_pairs = _restrict(pairs, rest, len(rows))
+            rest_labels = labels[rest]
+            if len(held) == 0 or (len(set(rest_labels[~rest_labels.isnan()].tolist())) < 2 and not rest_pairs[0]):
                 continue
-            pairs = preference_pairs([train[i] for i in rest.tolist()])
             for l2 in config.l2_grid:
-                probe, _ = fit_probe(features[rest], thumbs[rest], pairs, l2=l2,
+                probe, _ = fit_probe(features[rest], rest_labels, rest_pairs, l2=l2,
                                      pairwise_weight=config.pairwise_weight, max_iter=config.max_iter)
                 out_of_fold[l2][held] = probe(features[held])
 
         def loss(l2: float) -> float:
-            predicted = ~out_of_fold[l2].isnan()
-            return pointwise_loss(out_of_fold[l2][predicted], thumbs[predicted]).item() if predicted.any() else 0.0
+            unseen = _Unseen.of(out_of_fold[l2], labels, compared)
+            point = pointwise_loss(unseen.scores, unseen.thumbs).item() if len(unseen.thumbs) else 0.0
+            differences = unseen.differences
+            pair = pairwise_loss(differences, torch.zeros_like(differences)).item() if len(differences) else 0.0
+            return point + config.pairwise_weight * pair
 
         best = min(config.l2_grid, key=loss)
         return best, out_of_fold[best]
 
-    def _example_features(self, examples: Sequence[RatedResponse]) -> torch.Tensor:
-        """Features (N, D) of buffered examples, computing those not yet cached."""
+    def _example_features(self, examples: Sequence[RatedResponse | ComparedResponse]) -> torch.Tensor:
+        """Features (N, D) of buffered responses, computing those not yet cached."""
         missing = [e for e in examples if e.completion_id not in self._features]
         if missing:
             computed = self.features([e.prompt_ids for e in missing], [e.response_ids for e in missing])
@@ -404,15 +488,31 @@ class RewardModel:
         parts += [hidden[layer][:, -1].float() for layer in self._last_layers]
         return torch.cat(parts, dim=1).cpu()  # (b, D)
 
-    def _heldout(self, example: RatedResponse) -> bool:
-        return is_heldout(example.completion_id, self.config.heldout_fraction, split=REWARD_MODEL_SPLIT)
+    def _split(self) -> _Split:
+        """Thumbs and comparisons, training and held out, each by the hash of its key (completion, request). A
+        comparison is also held out when one of its responses has a held-out thumb, and then all their thumbs
+        are: no held-out rating judges a response a Bradley–Terry pair or a thumb trained on."""
+        fraction = self.config.heldout_fraction
+
+        def held(key: str) -> bool:
+            return is_heldout(key, fraction, split=REWARD_MODEL_SPLIT)
+
+        comparisons, thumbs = [[], []], [[], []]  # [training, held out]
+        held_thumbs = {key for key in self.examples if held(key)}
+        for comparison in self.comparisons.values():
+            comparisons[held(comparison.request_id) or any(r.completion_id in held_thumbs
+                                                           for r in comparison.ranking)].append(comparison)
+        judged = {r.completion_id for c in comparisons[1] for r in c.ranking}
+        for example in self.examples.values():
+            thumbs[held(example.completion_id) or example.completion_id in judged].append(example)
+        return _Split(*thumbs, *comparisons)
 
     def _thumbs(self) -> int:
         """The fewer of the buffer's thumbs up and thumbs down."""
         thumbs = [e.thumbs_up for e in self.examples.values()]
         return min(sum(thumbs), len(thumbs) - sum(thumbs))
 
-    def _heldout_accuracy(self, unseen: tuple[torch.Tensor, torch.Tensor] | None = None
+    def _heldout_accuracy(self, split: _Split | None = None, unseen: _Unseen | None = None
                           ) -> tuple[float | None, float | None]:
         """``balanced_accuracy`` and its lower bound, at the training split's prior log-odds, of every prediction
         made for a rating its model never trained on: the held-out split's scores, and ``unseen`` (the training
@@ -421,16 +521,24 @@ class RewardModel:
         The out-of-fold predictions make the evidence ten times the held-out split's: on the packaged model the
         bound on the held-out split alone passed 0.5 only after about 600 ratings, while the model ranked answers
         well from about 250 (bench/reward_model.py)."""
-        heldout = [e for e in self.examples.values() if self._heldout(e)]
-        scores = self.probe(self._example_features(heldout)) if heldout else torch.zeros(0)
-        thumbs = torch.tensor([e.thumbs_up for e in heldout], dtype=torch.bool)
-        if unseen is not None:
-            scores, thumbs = torch.cat([scores, unseen[0]]), torch.cat([thumbs, unseen[1]])
+        split, unseen = split or self._split(), unseen or _Unseen()
+        scores = self.probe(self._example_features(split.heldout)) if split.heldout else torch.zeros(0)
+        thumbs = torch.tensor([e.thumbs_up for e in split.heldout], dtype=torch.bool)
+        scores, thumbs = torch.cat([scores, unseen.scores]), torch.cat([thumbs, unseen.thumbs.bool()])
         if thumbs.unique().numel() < 2:
             return None, None
-        threshold = prior_log_odds([e.thumbs_up for e in self.examples.values() if not self._heldout(e)])
+        threshold = prior_log_odds([e.thumbs_up for e in split.train])
         return (balanced_accuracy(scores, thumbs, threshold),
                 balanced_accuracy_low(scores, thumbs, self.config.usable_z, threshold))
+
+    def _heldout_comparison_accuracy(self, split: _Split, unseen: _Unseen) -> tuple[float | None, float | None, int]:
+        """``pair_accuracy``, its lower bound and the pairs judged, of every comparison its model never trained on:
+        the held-out split's, and ``unseen`` (the training split's out-of-fold differences)."""
+        responses = list({r.completion_id: r for c in split.heldout_comparisons for r in c.ranking}.values())
+        scores = self.probe(self._example_features(responses)) if responses else torch.zeros(0)
+        better, worse = ranking_pairs(split.heldout_comparisons, {r.completion_id: i for i, r in enumerate(responses)})
+        differences = torch.cat([scores[better] - scores[worse], unseen.differences])
+        return (pair_accuracy(differences), pair_accuracy_low(differences, self.config.usable_z), len(differences))
 
     def save(self, dest: Path, *, metadata: dict | None = None) -> str:
         """Write this version (probe, config, normaliser, last metrics) atomically to ``dest``; return its sha256."""
@@ -440,7 +548,59 @@ class RewardModel:
             "increments": self.increments,
             "normalizer": list(self.normalizer),
             "n_examples": len(self.examples),
+            "n_comparisons": len(self.comparisons),
             "metrics": asdict(self.last_metrics) if self.last_metrics else None,
             **(metadata or {}),
         }
         return save_weights(self.probe.tensors(), dest, base_model_id=self.base_model_id, metadata=info)
+
+
+@dataclass(frozen=True)
+class _Split:
+    train: list[RatedResponse]
+    heldout: list[RatedResponse]
+    train_comparisons: list[RankedResponses]
+    heldout_comparisons: list[RankedResponses]
+
+
+@dataclass(frozen=True)
+class _Unseen:
+    """Out-of-fold predictions of the training split: scores (M,) of thumbs (M,), differences (P,) of the
+    comparisons' pairs."""
+
+    scores: torch.Tensor = torch.zeros(0)
+    thumbs: torch.Tensor = torch.zeros(0)
+    differences: torch.Tensor = torch.zeros(0)
+
+    @classmethod
+    def of(cls, out_of_fold: torch.Tensor, labels: torch.Tensor, compared: tuple[list[int], list[int]]) -> _Unseen:
+        rated = ~out_of_fold.isnan() & ~labels.isnan()
+        differences = out_of_fold[compared[0]] - out_of_fold[compared[1]]
+        return cls(out_of_fold[rated], labels[rated], differences[~differences.isnan()])
+
+
+def _training_rows(thumbs: list[RatedResponse], comparisons: list[RankedResponses]
+                   ) -> tuple[list[RatedResponse | ComparedResponse], torch.Tensor, tuple[list[int], list[int]],
+                              tuple[list[int], list[int]]]:
+    """The responses a fit sees, each once (thumbed ones first), their labels (N,) (NaN: only compared), every
+    Bradley–Terry pair (up/down of one prompt, and of comparisons), and the comparisons' pairs alone."""
+    rows: list[RatedResponse | ComparedResponse] = list(thumbs)
+    row = {e.completion_id: i for i, e in enumerate(rows)}
+    for response in (r for c in comparisons for r in c.ranking):
+        if response.completion_id not in row:
+            row[response.completion_id] = len(rows)
+            rows.append(response)
+    labels = torch.full((len(rows),), math.nan)
+    labels[:len(thumbs)] = torch.tensor([float(e.thumbs_up) for e in thumbs])
+    up, down = preference_pairs(thumbs)
+    compared = ranking_pairs(comparisons, row)
+    return rows, labels, (up + compared[0], down + compared[1]), compared
+
+
+def _restrict(pairs: tuple[list[int], list[int]], kept: torch.Tensor, n: int) -> tuple[list[int], list[int]]:
+    """The pairs whose both rows are in ``kept``, as indices into ``kept``."""
+    position = torch.full((n,), -1, dtype=torch.long)
+    position[kept] = torch.arange(len(kept))
+    better, worse = (position[torch.tensor(indices, dtype=torch.long)] for indices in pairs)
+    both = (better >= 0) & (worse >= 0)
+    return better[both].tolist(), worse[both].tolist()

@@ -33,6 +33,12 @@ holds the slot the trainer keeps training instead of judging versions nobody wou
 Held-out ratings (a stable hash of the completion id, ``gate_holdout_fraction``) are never trained on: the
 gates estimate reward on them.
 
+Comparisons (a ranking of the answers to one request) are consumed on the same terms: exactly once, the latest
+revision of each request only (``feedback.ledger.subject``), held out when any of their answers is, dead-lettered
+when one cannot be trained on. In ``reward_model`` mode each adds Bradley–Terry pairs to the reward model's data
+beside the thumbs, and its prompt to those PPO samples fresh responses for. In ``direct`` mode its answers are
+logged samples of one RLOO group, the preferred one scored above the others (``trainer.samples.compared_samples``).
+
 Events that are valid but cannot be trained on (``trainer.samples.check_trainable``: tokens outside the
 vocabulary, a bad temperature, ...) go to the dead-letter topic with the reason, and are recorded as consumed
 (``dead_lettered``) with their batch; training goes on.
@@ -55,8 +61,8 @@ from peft import set_peft_model_state_dict
 from sqlalchemy.orm import Session, sessionmaker
 
 from feedback.consumer import Batch, FeedbackConsumer
-from feedback.events import FeedbackEvent
-from feedback.ledger import Outcome
+from feedback.events import ComparisonEvent, FeedbackEvent
+from feedback.ledger import Event, Outcome
 from liveloop.adapter_artifacts import AdapterArtifactError, read_adapter, verify_adapter
 from liveloop.model import LoadedModel
 from liveloop.promotion import Promoter
@@ -69,9 +75,9 @@ from trainer.gates import Gates, judge_candidate
 from trainer.heldout import GATES_SPLIT, is_heldout
 from trainer.policy import POLICY_ADAPTER, Policy
 from trainer.ppo import AdaptiveKLController, RunningMoments
-from trainer.reward_model import RatedResponse, RewardModel, RewardModelConfig
+from trainer.reward_model import RankedResponses, RatedResponse, RewardModel, RewardModelConfig
 from trainer.rollout import RolloutConfig, fresh_samples
-from trainer.samples import check_trainable, logged_sample
+from trainer.samples import check_trainable, compared_samples, logged_sample, served
 from trainer.update import Sample, ppo_update
 
 log = logging.getLogger(__name__)
@@ -170,33 +176,46 @@ class Trainer:
 
     # --- samples ---------------------------------------------------------------------------------------
 
-    def _trainable(self, events: list[FeedbackEvent]) -> list[FeedbackEvent]:
+    def _trainable(self, events: list[Event]) -> list[Event]:
         fraction = self.settings.gate_holdout_fraction
-        return [e for e in events if not is_heldout(e.completion_id, fraction, split=GATES_SPLIT)]
+        return [e for e in events if not any(is_heldout(c.completion_id, fraction, split=GATES_SPLIT)
+                                             for c in served(e))]
 
-    def _samples(self, events: list[FeedbackEvent]) -> list[Sample]:
+    def _samples(self, events: list[Event]) -> list[Sample]:
         if self.reward_model is None:
             self._check_behaviour_logprobs(events)
             return self._logged_samples(events)
-        self.reward_model.add(RatedResponse.from_event(event) for event in events)
+        self.reward_model.add(self._reward_model_examples(events))
         rm = self.reward_model.train_increment()
         # NaN, not the last (or initial 0) value, while the held-out split lacks a thumb: no number would be honest
         accuracy = rm.heldout_balanced_accuracy
         metrics.REWARD_MODEL_BALANCED_ACCURACY.set(math.nan if accuracy is None else accuracy)
+        comparisons = rm.heldout_comparison_accuracy
+        metrics.REWARD_MODEL_COMPARISON_ACCURACY.set(math.nan if comparisons is None else comparisons)
         self._save_reward_model()
         if not rm.usable:  # a reward model at chance would teach the policy noise: its ratings only train it
             log.info("reward model not usable yet (held-out balanced accuracy %s, lower bound %s): no policy update",
                      accuracy, rm.heldout_balanced_accuracy_low)
             metrics.RATINGS.labels("reward_model_only").inc(len(events))
             return []
-        prompts = {tuple(e.prompt_token_ids): SamplingParams.from_dict(e.sampling_params) for e in events}
+        served_first = (served(e)[0] for e in events)  # a comparison's answers share their prompt
+        prompts = {tuple(c.prompt_token_ids): SamplingParams.from_dict(c.sampling_params) for c in served_first}
         return fresh_samples(self.policy, self.reward_model, list(prompts), list(prompts.values()),
                              RolloutConfig(**self.settings.rollout), eos_token_ids=self.base.eos_token_ids)
 
-    def _logged_samples(self, events: list[FeedbackEvent]) -> list[Sample]:
+    def _logged_samples(self, events: list[Event]) -> list[Sample]:
         """Served samples as PPO samples, whichever version served them: the importance weights correct for the
-        gap between that version and the policy (``trainer.ppo``), so none is dropped for its age."""
-        return [logged_sample(event) for event in events]
+        gap between that version and the policy (``trainer.ppo``), so none is dropped for its age. The answers of
+        a comparison form one group of their own."""
+        ratings = [logged_sample(e, e.reward) for e in events if isinstance(e, FeedbackEvent)]
+        comparisons = [e for e in events if isinstance(e, ComparisonEvent)]
+        centre = self.policy.moments.mean
+        return ratings + [s for group, e in enumerate(comparisons) for s in compared_samples(e, group, centre)]
+
+    @staticmethod
+    def _reward_model_examples(events: list[Event]) -> list[RatedResponse | RankedResponses]:
+        return [RankedResponses.from_event(e) if isinstance(e, ComparisonEvent) else RatedResponse.from_event(e)
+                for e in events]
 
     def _version_number(self, name: str | None) -> int | None:
         """The PPO version number of a served adapter version (the base model is 0); None when unknown."""
@@ -210,9 +229,9 @@ class Trainer:
         return self._version_numbers[name]
 
     @torch.no_grad()
-    def _check_behaviour_logprobs(self, events: list[FeedbackEvent]) -> None:
+    def _check_behaviour_logprobs(self, events: list[Event]) -> None:
         """The training–inference invariant, measured: samples served by this very version, recomputed."""
-        own = [e for e in events if e.adapter_version == self.version_name][:_MISMATCH_SAMPLES]
+        own = [c for e in events for c in served(e) if c.adapter_version == self.version_name][:_MISMATCH_SAMPLES]
         if not own:
             return
         adapter = POLICY_ADAPTER if self.version_name else None

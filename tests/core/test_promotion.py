@@ -13,10 +13,14 @@ from liveloop.promotion import (
     Promoter,
     RollbackRule,
     canary_outcome,
+    coin_preference,
     difference_log_lr,
     in_canary,
+    latent_preference,
+    preference_log_lr,
     simulate_canaries,
     simulate_rollbacks,
+    simulate_user_canaries,
 )
 from liveloop.registry import Lineage, State
 from liveloop.tables import utcnow
@@ -53,7 +57,7 @@ def test_log_likelihood_ratio_matches_hand_computed_values():
 
 
 def test_canary_outcome_follows_walds_boundaries():
-    rule = CanaryRule(alpha=0.005, beta=0.1, effect=0.1, min_ratings=20, max_ratings=400)
+    rule = CanaryRule(alpha=0.005, beta=0.1, effect=0.1, min_ratings=20, max_ratings=400, vote_effect=0.075)
     reject_below, promote_above = rule.bounds
     assert (reject_below, promote_above) == pytest.approx((math.log(0.1 / 0.995), math.log(0.9 / 0.005)))
     assert canary_outcome(75, 100, 40, 100, rule) == Outcome.PROMOTE
@@ -80,6 +84,65 @@ def test_simulated_canaries_meet_the_error_rates_at_the_defaults(defaults, p_can
     else:
         assert share >= at_least
     assert not np.any(outcomes == Outcome.CONTINUE) and ratings.max() <= defaults.canary_max_ratings
+
+
+def test_vote_log_likelihood_ratio_matches_hand_computed_values():
+    # 60 of 100 votes for the canary: 60·log(1.15) + 40·log(0.85) = 8.385714 − 6.500756
+    assert preference_log_lr(60, 100, 0.075) == pytest.approx(1.884958, abs=1e-5)
+    assert preference_log_lr(50, 100, 0.075) == pytest.approx(-1.137850, abs=1e-5)  # an even split favours H0
+    assert preference_log_lr(0, 0, 0.075) == 0
+
+
+def test_votes_and_thumbs_add_up_in_one_test():
+    rule = CanaryRule(alpha=0.005, beta=0.1, effect=0.1, min_ratings=20, max_ratings=1600, vote_effect=0.075)
+    # thumbs 70/100 against 40/100: log Λ 5.05, short of log(0.9/0.005) = 5.19; one vote won adds 0.140, two 0.280
+    assert canary_outcome(70, 100, 40, 100, rule, wins=1, votes=1) == Outcome.CONTINUE
+    assert canary_outcome(70, 100, 40, 100, rule, wins=2, votes=2) == Outcome.PROMOTE
+    # votes decide alone, thumbs too few to count, once there are min_ratings of them
+    assert canary_outcome(5, 5, 0, 5, rule, wins=19, votes=19) == Outcome.CONTINUE
+    assert canary_outcome(5, 5, 0, 5, rule, wins=38, votes=38) == Outcome.PROMOTE  # 38 · 0.140 = 5.31
+    assert canary_outcome(0, 0, 0, 0, rule, wins=5, votes=25) == Outcome.REJECT  # 0.70 − 3.25 < log(0.1/0.995)
+    assert canary_outcome(0, 0, 0, 0, rule, wins=10, votes=20, collected=1600) == Outcome.CAP  # votes count to the cap
+
+
+def test_a_vote_carries_what_thurstones_rater_sees():
+    assert latent_preference(0.3, 0.3) == pytest.approx(0.5)
+    assert latent_preference(0.4, 0.3) == pytest.approx(0.576, abs=1e-3)
+    assert latent_preference(0.2, 0.3) == pytest.approx(1 - latent_preference(0.3, 0.2))
+    assert coin_preference(0.4, 0.3) == pytest.approx(0.55)
+
+
+@pytest.mark.parametrize(("p_canary", "wanted", "at_least"), [
+    (0.3, Outcome.PROMOTE, None),  # random raters: promoted in < 1 %
+    (0.4, Outcome.PROMOTE, 0.80),  # 10 points better: promoted in ≥ 80 %
+    (0.2, Outcome.REJECT, 0.95),  # 10 points worse: rejected in ≥ 95 %
+])
+def test_simulated_head_to_head_canaries_meet_the_error_rates_at_the_defaults(defaults, p_canary, wanted, at_least):
+    rule = CanaryRule.from_settings(defaults)
+    outcomes, _ = simulate_canaries(p_canary, 0.3, rule, fraction=defaults.canary_fraction, comparisons=1.0,
+                                    canaries=1000, seed=14)
+    share = float(np.mean(outcomes == wanted))
+    assert share < 0.01 if at_least is None else share >= at_least
+    assert not np.any(outcomes == Outcome.CONTINUE)
+
+
+def test_head_to_head_decides_on_fewer_ratings_than_thumbs(defaults):
+    """At the same α and β: the votes of users who each compare live with canary decide sooner than thumbs."""
+    rule = CanaryRule.from_settings(defaults)
+    for p_canary in (0.3, 0.4):
+        _, thumbs = simulate_canaries(p_canary, 0.3, rule, fraction=defaults.canary_fraction, canaries=1000, seed=3)
+        _, votes = simulate_canaries(p_canary, 0.3, rule, fraction=1.0, comparisons=1.0, canaries=1000, seed=3)
+        assert np.median(votes) < 0.75 * np.median(thumbs)
+
+
+def test_votes_keep_the_error_rate_where_users_of_unlike_habits_break_thumbs(defaults):
+    """Eight users whose own thumbs-up rates differ (sd 0.1): a difference of thumbs between two groups of users
+    measures the users, a paired vote the versions."""
+    rule = CanaryRule.from_settings(defaults)
+    kwargs = dict(fraction=defaults.canary_fraction, users=8, rate_sd=0.1, canaries=1000, seed=8)
+    thumbs, _ = simulate_user_canaries(0.3, 0.3, rule, **kwargs)
+    votes, _ = simulate_user_canaries(0.3, 0.3, rule, comparisons=1.0, **kwargs)
+    assert np.mean(votes == Outcome.PROMOTE) < 0.01 < 0.05 < np.mean(thumbs == Outcome.PROMOTE)
 
 
 def test_simulated_rollbacks_are_rare_for_an_equal_version_and_usual_for_a_drop(defaults):
@@ -209,6 +272,53 @@ def test_pinned_anonymous_and_excess_ratings_do_not_decide_a_canary(registry, ma
     assert registry.thumbs(["cand"])["cand"].n == 1600  # what `adapters list` shows still counts everything
     promoter().tick()  # the default cap (200) is sized for a few users: against 100 others, one key still wins
     assert registry.routing().live == "cand"
+
+
+def test_a_canary_preferred_head_to_head_is_promoted_on_paired_votes(registry, make_adapter_dir, promoter, rate,
+                                                                      compare):
+    approve(registry, make_adapter_dir, "live")
+    registry.promote("live", actor="alice", reason="x")
+    approve(registry, make_adapter_dir, "cand", seed=1)
+    promoter().after_gates("cand")
+    rate("cand", up=5)  # too few thumbs to count
+    compare("cand", "live", first_wins=40, second_wins=5, changed_mind=2)  # the latest ranking counts
+    compare("live", "cand", first_wins=100, requested_model="cand")  # pinned: no say
+    compare("live", "live", first_wins=100)  # no vote
+    compare("cand", "live", second_wins=50, at=utcnow() - timedelta(days=1))  # before the canary
+    promoter().tick()
+    assert registry.get("cand").state == "canary"  # 40 · log 1.15 − 5 · log(1/0.85) = 4.78 < 5.19
+    compare("live", "cand", second_wins=4)
+    promoter().tick()
+    assert registry.routing().live == "cand"
+    decision = registry.audit("cand")[0]
+    assert (decision.details["votes_won"], decision.details["votes_n"]) == (44, 49)
+    assert decision.details["outcome"] == "promote" and decision.details["log_lr"] > decision.details["bounds"][1]
+    assert decision.details["collected"] == 5 + 49 + 100  # the comparisons of live with live count to the cap
+    assert "preferred in 44 of 49 paired votes" in decision.reason
+
+
+def test_a_canary_that_loses_head_to_head_is_rejected(registry, make_adapter_dir, promoter, compare):
+    approve(registry, make_adapter_dir, "cand")
+    promoter().after_gates("cand")
+    compare("cand", None, first_wins=5, second_wins=25)  # the base model is live
+    promoter().tick()
+    decision = registry.audit("cand")[0]
+    assert decision.to_state == "rejected" and decision.details["outcome"] == "reject"
+    assert (decision.details["votes_won"], decision.details["votes_n"]) == (5, 30)
+    assert "not better than live by 0.1" in decision.reason
+
+
+def test_votes_beyond_a_users_cap_or_of_no_identity_do_not_count(registry, make_adapter_dir, promoter, compare):
+    approve(registry, make_adapter_dir, "cand")
+    promoter().after_gates("cand")
+    compare("cand", None, first_wins=60, user="scripted")  # one key: its first 10 count
+    compare("cand", None, first_wins=60, user=None)  # no identity: never in the canary slice
+    compare("cand", None, first_wins=10, second_wins=10)
+    promoter(max_ratings_per_user=10).tick()
+    assert registry.get("cand").state == "canary"
+    votes = promoter(max_ratings_per_user=10).deciding_votes("cand", None, since=utcnow() - timedelta(hours=1),
+                                                             until=utcnow())
+    assert (votes.won, votes.n, votes.compared) == (20, 30, 140)
 
 
 def test_the_next_approved_version_starts_its_canary_when_one_ends(registry, make_adapter_dir, promoter, rate):

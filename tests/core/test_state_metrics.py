@@ -11,7 +11,7 @@ def _samples(collector: StateCollector) -> dict[tuple[str, frozenset], float]:
     return {(s.name, frozenset(s.labels.items())): s.value for family in collector.collect() for s in family.samples}
 
 
-def test_state_metrics_show_the_routing_the_decision_thumbs_and_the_audit(registry, registry_db, rate,
+def test_state_metrics_show_the_routing_the_decision_thumbs_and_the_audit(registry, registry_db, rate, compare,
                                                                            make_adapter_dir, make_settings):
     for i, verdict in enumerate(["approve", "approve", "reject", "reject"], start=1):
         registry.register(f"policy-{i}", make_adapter_dir(f"policy-{i}", scale=0.01, seed=i))
@@ -21,6 +21,7 @@ def test_state_metrics_show_the_routing_the_decision_thumbs_and_the_audit(regist
     rate("policy-1", up=3, down=1)
     rate("policy-2", up=1, down=1, changed_mind=1)
     rate("policy-2", up=2, requested_model="policy-2")  # pinned: no say in the decision, served all the same
+    compare("policy-2", "policy-1", first_wins=3, second_wins=1)
 
     samples = _samples(StateCollector(registry, registry_db.sessions, make_settings()))
 
@@ -33,6 +34,8 @@ def test_state_metrics_show_the_routing_the_decision_thumbs_and_the_audit(regist
     assert value("liveloop_version_rated_completions", version="policy-2", rating="down") == 1
     assert value("liveloop_decision_rated_completions", role="canary", version="policy-2", rating="up") == 1
     assert value("liveloop_decision_thumbs_up_ratio", role="live", version="policy-1") == 0.75
+    assert value("liveloop_decision_paired_votes", role="canary", version="policy-2") == 3
+    assert value("liveloop_decision_paired_votes", role="live", version="policy-1") == 1
     low, high = wilson_interval(3, 4)
     assert value("liveloop_decision_thumbs_up_ratio_lower", role="live", version="policy-1") == low < 0.75 < high
     assert value("liveloop_decision_thumbs_up_ratio_upper", role="live", version="policy-1") == high

@@ -8,8 +8,9 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from feedback.events import FeedbackEvent
+from feedback.events import ComparedCompletion, ComparisonEvent, FeedbackEvent
 from feedback.kafka import Message, Publisher
+from feedback.ledger import subject
 from liveloop.db import make_engine, make_sessionmaker, migrate
 from liveloop.settings import Settings
 from liveloop.tables import Completion, utcnow
@@ -70,14 +71,31 @@ def make_event():
 
 
 @pytest.fixture
-def publish():
-    """``publish(settings, [event or bytes, ...])`` straight onto the feedback topic, keyed by completion."""
+def make_comparison():
+    """A valid comparison event of the completions ``ranking`` (best first); keyword arguments override fields."""
 
-    def send(settings: Settings, items: list[FeedbackEvent | bytes]) -> None:
+    def make(request_id: str = "chatcmpl-r", revision: int = 1, ranking: tuple[str, ...] = ("chatcmpl-a", "chatcmpl-b"),
+             **overrides) -> ComparisonEvent:
+        answers = [ComparedCompletion(
+            completion_id=completion_id, messages=[{"role": "user", "content": "hi"}], prompt_token_ids=[1, 2],
+            response_token_ids=[3, 4 + i], behaviour_logprobs=[-0.1, -0.2], adapter_version=None,
+            sampling_params={"temperature": 0.7}, dtype="float32", completion_created_at=utcnow(),
+        ) for i, completion_id in enumerate(ranking)]
+        fields = dict(event_id=uuid.uuid4().hex, feedback_id=f"cmp-{uuid.uuid4().hex}", request_id=request_id,
+                      revision=revision, supersedes=None, rated_at=utcnow(), ranking=answers)
+        return ComparisonEvent(**fields | overrides)
+
+    return make
+
+
+@pytest.fixture
+def publish():
+    """``publish(settings, [event or bytes, ...])`` straight onto the feedback topic, keyed by completion (request)."""
+
+    def send(settings: Settings, items: list[FeedbackEvent | ComparisonEvent | bytes]) -> None:
         publisher = Publisher(settings, "test-producer")
-        messages = [Message(settings.feedback_topic, item.completion_id, item.to_bytes())
-                    if isinstance(item, FeedbackEvent) else Message(settings.feedback_topic, "junk", item)
-                    for item in items]
+        messages = [Message(settings.feedback_topic, "junk", item) if isinstance(item, bytes)
+                    else Message(settings.feedback_topic, subject(item), item.to_bytes()) for item in items]
         try:
             assert publisher.publish(messages) == [None] * len(messages)
         finally:

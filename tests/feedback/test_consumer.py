@@ -59,6 +59,21 @@ def test_latest_rating_wins_whatever_the_arrival_order(make_event):
     assert latest_ratings([second, first]) == ([second], [first])
 
 
+def test_a_newer_ranking_of_a_request_replaces_the_older_in_a_batch(kafka_settings, make_event, make_comparison,
+                                                                    publish):
+    settings = kafka_settings()
+    first = make_comparison(request_id="r1", ranking=("a", "b"))
+    rating = make_event(completion_id="a")  # of one of its answers: another subject, kept
+    second = make_comparison(request_id="r1", revision=2, ranking=("b", "a"), supersedes=first.feedback_id)
+    other = make_comparison(request_id="r2", ranking=("c", "d"))
+    publish(settings, [second, rating, first, other])
+    with FeedbackConsumer(settings) as consumer:
+        batch = consumer.next_batch(max_messages=4, max_wait_s=30)
+    assert sorted(e.event_id for e in batch.events) == sorted([second.event_id, rating.event_id, other.event_id])
+    assert [e.event_id for e in batch.superseded] == [first.event_id]
+    assert {type(e).__name__ for e in batch.events} == {"ComparisonEvent", "FeedbackEvent"}
+
+
 def test_unreadable_messages_go_to_the_dead_letter_topic_with_the_reason(kafka_settings, make_event, publish,
                                                                          read_topic):
     settings = kafka_settings()

@@ -8,20 +8,25 @@ from datetime import UTC, datetime
 import pytest
 import torch
 
-from feedback.events import FeedbackEvent
+from feedback.events import ComparedCompletion, ComparisonEvent, FeedbackEvent
 from liveloop.adapter_artifacts import WEIGHTS, AdapterArtifactError, verify_adapter
-from trainer.heldout import is_heldout
+from trainer.heldout import REWARD_MODEL_SPLIT, is_heldout
 from trainer.policy import POLICY_ADAPTER
 from trainer.reward_model import (
+    ComparedResponse,
+    RankedResponses,
     RatedResponse,
     RewardModel,
     RewardModelConfig,
     balanced_accuracy,
     balanced_accuracy_low,
+    pair_accuracy,
+    pair_accuracy_low,
     pairwise_loss,
     pointwise_loss,
     preference_pairs,
     prior_log_odds,
+    ranking_pairs,
 )
 
 PAD = 0
@@ -48,6 +53,23 @@ def separable_examples(n_prompts: int, seed: int) -> list[RatedResponse]:
     return examples
 
 
+def separable_comparisons(n_prompts: int, seed: int) -> list[RankedResponses]:
+    """Two responses per prompt, one with LIKED somewhere, ranked first; which of the two it is varies."""
+    generator = torch.Generator().manual_seed(seed)
+    comparisons = []
+    for i in range(n_prompts):
+        prompt = tuple(torch.randint(*FILLER, (8,), generator=generator).tolist())
+        responses = []
+        for j in range(2):
+            response = torch.randint(*FILLER, (10,), generator=generator)
+            if j == i % 2:
+                response[torch.randint(0, 10, (1,), generator=generator)] = LIKED
+            responses.append(ComparedResponse(f"{seed}-{i}-{j}", prompt, tuple(response.tolist())))
+        liked = responses[i % 2]
+        comparisons.append(RankedResponses(f"request-{seed}-{i}", (liked, *(r for r in responses if r is not liked))))
+    return comparisons
+
+
 def test_pairwise_loss_matches_hand_computed_bradley_terry():
     # −log σ(2 − 1) = log(1 + e^−1) = 0.313262; −log σ(0 − 1) = log(1 + e) = 1.313262
     loss = pairwise_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0]))
@@ -66,6 +88,20 @@ def test_pairs_are_up_down_responses_to_the_same_prompt():
              rated("e", (2,), True)]
     up, down = preference_pairs(batch)
     assert sorted(zip(up, down, strict=True)) == [(0, 1), (0, 3)]
+
+
+def test_a_comparison_pairs_its_preferred_response_with_each_one_ranked_below():
+    a, b, c = (ComparedResponse(name, (1,), (2,)) for name in "abc")
+    comparisons = [RankedResponses("r1", (b, a, c)), RankedResponses("r2", (c, a))]
+    better, worse = ranking_pairs(comparisons, {"a": 0, "b": 1, "c": 2})
+    assert list(zip(better, worse, strict=True)) == [(1, 0), (1, 2), (2, 0)]
+
+
+def test_pair_accuracy_counts_a_tie_half_and_bounds_few_pairs_loosely():
+    assert pair_accuracy(torch.tensor([1.0, -1.0, 0.0])) == pytest.approx(0.5)  # right, wrong, tie
+    assert pair_accuracy(torch.zeros(0)) is None and pair_accuracy_low(torch.zeros(0), z=2.33) is None
+    assert pair_accuracy(torch.ones(6)) == 1.0 and pair_accuracy_low(torch.ones(6), z=2.33) < 0.75
+    assert pair_accuracy_low(torch.ones(200), z=2.33) > 0.98
 
 
 def test_heldout_split_is_stable_and_near_the_fraction():
@@ -134,6 +170,67 @@ def test_reward_model_learns_a_separable_preference_above_chance(tiny_peft_model
     assert metrics.usable and metrics.heldout_balanced_accuracy_low > 0.5
 
 
+def test_reward_model_learns_a_pairwise_preference_from_comparisons_alone(tiny_peft_model):
+    config = RewardModelConfig(heldout_fraction=0.25)
+    reward_model = RewardModel.create(tiny_peft_model, base_model_id="tiny", pad_token_id=PAD, config=config)
+    reward_model.add(separable_comparisons(120, seed=0))
+    metrics = reward_model.train_increment()
+    assert (metrics.n_comparisons, metrics.n_examples) == (120, 0)
+    assert metrics.n_heldout_comparisons >= 20 and metrics.n_pairs == 120 - metrics.n_heldout_comparisons
+    assert metrics.pointwise_loss is None and metrics.pairwise_loss is not None
+    assert metrics.heldout_balanced_accuracy is None  # no thumbs
+    # chance is 0.5; 0.75 of ~120 unseen pairs (held out and out of fold) is p < 0.001
+    assert metrics.heldout_comparison_accuracy >= 0.75, metrics
+    assert metrics.usable and metrics.heldout_comparison_accuracy_low > 0.5
+    fresh = separable_comparisons(40, seed=9)
+    liked = reward_model.score([c.ranking[0].prompt_ids for c in fresh], [c.ranking[0].response_ids for c in fresh])
+    other = reward_model.score([c.ranking[1].prompt_ids for c in fresh], [c.ranking[1].response_ids for c in fresh])
+    assert (liked > other).float().mean() >= 0.75
+
+
+def test_comparisons_and_thumbs_train_one_model(tiny_peft_model):
+    reward_model = RewardModel.create(tiny_peft_model, base_model_id="tiny", pad_token_id=PAD,
+                                      config=RewardModelConfig(heldout_fraction=0.0))
+    thumbs, comparisons = separable_examples(20, seed=1), separable_comparisons(30, seed=2)
+    reward_model.add([*thumbs, *comparisons])
+    metrics = reward_model.train_increment()
+    assert metrics.n_pairs == len(preference_pairs(thumbs)[0]) + 30  # up/down of one prompt, and each comparison
+    assert metrics.pointwise_loss is not None and metrics.pairwise_loss is not None
+    assert metrics.heldout_balanced_accuracy is not None and metrics.heldout_comparison_accuracy is not None
+
+
+def test_a_held_out_comparison_holds_out_the_thumbs_of_its_responses(tiny_peft_model):
+    config = RewardModelConfig(heldout_fraction=0.5)
+    reward_model = RewardModel.create(tiny_peft_model, base_model_id="tiny", pad_token_id=PAD, config=config)
+    request = next(f"r{i}" for i in range(100) if is_heldout(f"r{i}", 0.5, split=REWARD_MODEL_SPLIT))
+    a, b = (next(f"{name}{i}" for i in range(100) if not is_heldout(f"{name}{i}", 0.5, split=REWARD_MODEL_SPLIT))
+            for name in "ab")
+    reward_model.add([rated(a, (1,), True), RankedResponses(request, (ComparedResponse(a, (1,), (7, 8)),
+                                                                      ComparedResponse(b, (1,), (9,))))])
+    split = reward_model._split()
+    assert [e.completion_id for e in split.heldout] == [a] and not split.train
+    assert [c.request_id for c in split.heldout_comparisons] == [request] and not split.train_comparisons
+    # and the other way: a held-out thumb holds out the comparison of its response
+    other = next(f"s{i}" for i in range(100) if not is_heldout(f"s{i}", 0.5, split=REWARD_MODEL_SPLIT))
+    c = next(f"c{i}" for i in range(100) if is_heldout(f"c{i}", 0.5, split=REWARD_MODEL_SPLIT))
+    reward_model.add([rated(c, (2,), False), RankedResponses(other, (ComparedResponse(b, (2,), (9,)),
+                                                                    ComparedResponse(c, (2,), (7,))))])
+    assert {x.request_id for x in reward_model._split().heldout_comparisons} == {request, other}
+
+
+def test_a_new_ranking_of_a_request_replaces_the_older_one(tiny_peft_model):
+    config = RewardModelConfig(max_examples=2)
+    reward_model = RewardModel.create(tiny_peft_model, base_model_id="tiny", pad_token_id=PAD, config=config)
+    a, b = ComparedResponse("a", (1,), (2,)), ComparedResponse("b", (1,), (3,))
+    reward_model.add([RankedResponses("r1", (a, b)), RankedResponses("r1", (b, a), revision=2)])
+    reward_model.add([RankedResponses("r1", (a, b))])  # the first revision arriving late changes nothing
+    assert reward_model.comparisons["r1"].ranking == (b, a)
+    reward_model._example_features([a, b])
+    c, d = ComparedResponse("c", (4,), (5,)), ComparedResponse("d", (4,), (6,))
+    reward_model.add([RankedResponses("r2", (c, d)), RankedResponses("r3", (d, c))])  # evicts r1
+    assert list(reward_model.comparisons) == ["r2", "r3"] and not {"a", "b"} & reward_model._features.keys()
+
+
 def test_a_reward_model_of_random_thumbs_is_not_usable(tiny_peft_model):
     generator = torch.Generator().manual_seed(5)
     examples = [RatedResponse(e.completion_id, e.prompt_ids, e.response_ids, bool(torch.rand(1, generator=generator)
@@ -193,6 +290,21 @@ def test_a_feedback_event_becomes_a_rated_response():
         sampling_params={"temperature": 1.0}, dtype="float32", completion_created_at=now,
     )
     assert RatedResponse.from_event(event) == RatedResponse("chatcmpl-1", (1, 2), (3, 4), thumbs_up=False, revision=2)
+
+
+def test_a_comparison_event_becomes_ranked_responses():
+    now = datetime.now(UTC)
+
+    def answer(completion_id: str, response: list[int]) -> ComparedCompletion:
+        return ComparedCompletion(
+            completion_id=completion_id, messages=[{"role": "user", "content": "hi"}], prompt_token_ids=[1, 2],
+            response_token_ids=response, behaviour_logprobs=[-0.5] * len(response), adapter_version=None,
+            sampling_params={"temperature": 1.0}, dtype="float32", completion_created_at=now)
+
+    event = ComparisonEvent(event_id="e1", feedback_id="cmp-2", request_id="chatcmpl-r", revision=2,
+                            supersedes="cmp-1", rated_at=now, ranking=[answer("b", [5]), answer("a", [3, 4])])
+    assert RankedResponses.from_event(event) == RankedResponses(
+        "chatcmpl-r", (ComparedResponse("b", (1, 2), (5,)), ComparedResponse("a", (1, 2), (3, 4))), revision=2)
 
 
 def test_a_change_of_mind_replaces_the_rating_and_the_buffer_is_bounded(tiny_peft_model):

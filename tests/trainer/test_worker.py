@@ -15,9 +15,9 @@ from peft import get_peft_model_state_dict
 from sqlalchemy import select
 
 from feedback.consumer import FeedbackConsumer
-from feedback.events import FeedbackEvent
+from feedback.events import ComparedCompletion, ComparisonEvent, FeedbackEvent
 from feedback.kafka import Message, Publisher, ensure_topics
-from feedback.ledger import Ledger
+from feedback.ledger import Ledger, subject
 from feedback.relay import Relay
 from liveloop.adapter_artifacts import read_adapter
 from liveloop.artifacts import LocalArtifactStore
@@ -28,6 +28,7 @@ from liveloop.registry import Kind, Registry, State
 from liveloop.sampling import SamplingParams
 from liveloop.tables import Completion, ConsumedFeedback, OutboxMessage, utcnow
 from tests.feedback.helpers import rate_each, read_topic, wait_until
+from trainer import metrics
 from trainer.heldout import GATES_SPLIT, is_heldout
 from trainer.policy import POLICY_ADAPTER
 from trainer.worker import Trainer
@@ -61,6 +62,21 @@ def _generations(settings, count: int, seed: int = 0):
                     eos_token_ids=base.eos_token_ids, generator=torch.Generator().manual_seed(seed))
 
 
+def _logged(g) -> dict:
+    """The served completion of generation ``g``, as events carry it; a fresh completion id."""
+    return dict(completion_id=f"chatcmpl-{uuid.uuid4().hex}", messages=[], prompt_token_ids=list(g.prompt_ids),
+                response_token_ids=list(g.response_ids), behaviour_logprobs=list(g.behaviour_logprobs),
+                adapter_version=None, sampling_params=g.sampling_params.to_dict(), dtype="float32",
+                completion_created_at=utcnow())
+
+
+def _publish(settings, events: list[FeedbackEvent | ComparisonEvent]) -> None:
+    publisher = Publisher(settings, "test")
+    assert publisher.publish([Message(settings.feedback_topic, subject(e), e.to_bytes()) for e in events]) \
+        == [None] * len(events)
+    publisher.close()
+
+
 def _served_ratings(settings, count: int, *, alternate: bool = False) -> list[FeedbackEvent]:
     """Completions sampled from the base model as serving would, rated up when the response is short (or every
     other one up, with ``alternate``)."""
@@ -68,17 +84,29 @@ def _served_ratings(settings, count: int, *, alternate: bool = False) -> list[Fe
     for i, g in enumerate(_generations(settings, count)):
         up = i % 2 == 0 if alternate else len(g.response_ids) < 6
         events.append(FeedbackEvent(
-            event_id=uuid.uuid4().hex, feedback_id=uuid.uuid4().hex, completion_id=f"chatcmpl-{uuid.uuid4().hex}",
-            revision=1, rating="up" if up else "down", reward=1.0 if up else -1.0, supersedes=None,
-            rated_at=utcnow(), messages=[], prompt_token_ids=list(g.prompt_ids),
-            response_token_ids=list(g.response_ids), behaviour_logprobs=list(g.behaviour_logprobs),
-            adapter_version=None, sampling_params=g.sampling_params.to_dict(), dtype="float32",
-            completion_created_at=utcnow()))
-    publisher = Publisher(settings, "test")
-    assert publisher.publish([Message(settings.feedback_topic, e.completion_id, e.to_bytes()) for e in events]) \
-        == [None] * len(events)
-    publisher.close()
+            event_id=uuid.uuid4().hex, feedback_id=uuid.uuid4().hex, revision=1, rating="up" if up else "down",
+            reward=1.0 if up else -1.0, supersedes=None, rated_at=utcnow(), **_logged(g)))
+    _publish(settings, events)
     return events
+
+
+def _served_comparisons(settings, count: int) -> list[ComparisonEvent]:
+    """Two answers of the base model to each of ``count`` prompts, the shorter one preferred (the first on a tie);
+    published, not in the gates' held-out split."""
+    events = []
+    for pair in zip(_generations(settings, count, seed=1), _generations(settings, count, seed=2), strict=True):
+        ranking = sorted(pair, key=lambda g: len(g.response_ids))
+        answers = [ComparedCompletion(**_logged(g)) for g in ranking]
+        while any(is_heldout(a.completion_id, settings.gate_holdout_fraction, split=GATES_SPLIT) for a in answers):
+            answers = [ComparedCompletion(**_logged(g)) for g in ranking]
+        events.append(_comparison(f"chatcmpl-{uuid.uuid4().hex}", answers))
+    _publish(settings, events)
+    return events
+
+
+def _comparison(request_id: str, answers: list[ComparedCompletion], revision: int = 1) -> ComparisonEvent:
+    return ComparisonEvent(event_id=uuid.uuid4().hex, feedback_id=uuid.uuid4().hex, request_id=request_id,
+                           revision=revision, supersedes=None, rated_at=utcnow(), ranking=answers)
 
 
 def _served_completions(settings, sessions, count: int, seed: int = 0) -> list[str]:
@@ -296,6 +324,71 @@ def test_reward_model_mode_trains_the_reward_model_and_updates_on_fresh_rollouts
     assert registry.get(candidate.name).reward_source == f"reward_model:{reward_versions[0].name}"
     prompts = len({tuple(e.prompt_token_ids) for e in events})
     assert candidate.metrics["samples"] == 4 * prompts and candidate.metrics["applied"] == 1.0  # k = 4 per prompt
+
+
+def test_comparisons_are_trained_once_in_direct_mode_as_groups_of_their_answers(trainer_settings):
+    settings = trainer_settings()
+    ratings, comparisons = _served_ratings(settings, 3), _served_comparisons(settings, 3)
+    good = comparisons[0].ranking[0].model_dump()
+    unusable = _comparison("chatcmpl-bad", [ComparedCompletion(**good | {"prompt_token_ids": [10**6]}),
+                                            comparisons[0].ranking[1]])
+    _publish(settings, [unusable])
+    trainer, registry = _trainer(settings)
+    candidate = trainer.consume(trainer.gather())
+    trainer.consumer.close()
+    trained = {e.event_id for e in ratings if not is_heldout(e.completion_id, settings.gate_holdout_fraction,
+                                                               split=GATES_SPLIT)} | {e.event_id for e in comparisons}
+    assert set(registry.get(candidate.name).consumed_event_ids) == trained
+    assert candidate.metrics["samples"] == len(trained) - 3 + 2 * 3  # each comparison: its two answers
+    outcomes = _outcomes(trainer.sessions)
+    assert outcomes[unusable.event_id] == ("dead_lettered", None)
+    assert all(outcomes[e] == ("trained", candidate.name) for e in trained)
+    [dead] = read_topic(settings, settings.feedback_dlq_topic, 1)
+    assert "token ids outside" in dict(dead.headers)["dlq.reason"].decode()
+
+    restarted, _ = _trainer(settings)
+    assert restarted.consumer.next_batch(max_wait_s=3.0).events == []  # each consumed exactly once
+    restarted.consumer.close()
+
+
+def test_only_the_latest_ranking_of_a_request_is_trained_across_batches(trainer_settings):
+    settings = trainer_settings()
+    trainer, registry = _trainer(settings)
+    _served_ratings(settings, 4)
+    changed, repeated = _served_comparisons(settings, 2)
+    first = trainer.consume(trainer.gather())
+    assert {changed.event_id, repeated.event_id} <= set(registry.get(first.name).consumed_event_ids)
+
+    change_of_mind = _comparison(changed.request_id, changed.ranking[::-1], revision=2)  # after training on the first
+    stale = _comparison(repeated.request_id, repeated.ranking)  # the same revision again, under a new event id
+    replaced, latest = (_comparison("chatcmpl-late", changed.ranking, revision=r) for r in (1, 2))
+    _publish(settings, [change_of_mind, stale, replaced, latest])
+    later = _served_ratings(settings, 4)
+    second = trainer.consume(trainer.gather())
+    trainer.consumer.close()
+    outcomes = _outcomes(trainer.sessions)
+    assert outcomes[change_of_mind.event_id] == outcomes[latest.event_id] == ("trained", second.name)
+    assert outcomes[stale.event_id] == outcomes[replaced.event_id] == ("superseded", None)
+    assert len(registry.get(second.name).consumed_event_ids) == 2 + sum(
+        not is_heldout(e.completion_id, settings.gate_holdout_fraction, split=GATES_SPLIT) for e in later)
+
+
+def test_reward_model_mode_learns_from_comparisons_and_reports_its_accuracy_on_them(trainer_settings):
+    # (almost) every comparison held out so that the accuracy is measured, and any model usable on it
+    settings = trainer_settings(reward_source="reward_model", rollout={"max_tokens": 6}, reward_model={
+        "l2_grid": [2.0], "usable_z": -100.0, "usable_min_comparisons": 0, "heldout_fraction": 0.999})
+    metrics.REWARD_MODEL_COMPARISON_ACCURACY.set(float("nan"))
+    comparisons = _served_comparisons(settings, 6)
+    trainer, registry = _trainer(settings)
+    candidate = trainer.consume(trainer.gather())
+    trainer.consumer.close()
+    [reward_model] = registry.versions(kind=Kind.REWARD)
+    assert reward_model.training_metrics["n_comparisons"] == 6
+    accuracy = reward_model.training_metrics["heldout_comparison_accuracy"]
+    assert 0 <= accuracy <= 1 and metrics.REWARD_MODEL_COMPARISON_ACCURACY._value.get() == accuracy
+    prompts = len({tuple(c.ranking[0].prompt_token_ids) for c in comparisons})
+    assert candidate is not None and candidate.metrics["samples"] == 4 * prompts  # fresh answers to their prompts
+    assert set(registry.get(candidate.name).consumed_event_ids) == {c.event_id for c in comparisons}
 
 
 def _unusable_events(settings, template: FeedbackEvent) -> dict[str, bytes]:
