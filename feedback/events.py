@@ -1,8 +1,9 @@
-"""The feedback event: one rating of one completion, as the trainer reads it from the feedback topic.
+"""The feedback events, as the trainer reads them from the feedback topic: a rating of one completion, or a
+comparison (a ranking) of the choices of one chat request.
 
-It is self-contained on purpose: a trainer turns it into a logged PPO sample (prompt, response, behaviour
-log-probs under the sampling parameters actually used, the adapter version that produced them) and a reward
-without calling back into the API or its database.
+Each is self-contained on purpose: a trainer turns each completion it names into a logged PPO sample (prompt,
+response, behaviour log-probs under the sampling parameters actually used, the adapter version that produced
+them) and a reward without calling back into the API or its database.
 
 Compatibility: adding an optional field keeps ``schema_version``; removing, renaming or changing the meaning of
 a field is a new version. A consumer sends versions it does not know to the dead-letter topic.
@@ -27,22 +28,17 @@ def as_utc(moment: datetime) -> datetime:
 UTCDatetime = Annotated[datetime, AfterValidator(as_utc)]
 
 
-class FeedbackEvent(BaseModel):
+class _Message(BaseModel):
     # NaN and ±inf are no reward or log-prob (JSON has no spelling for them; orjson would write null)
     model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
-    schema_version: Literal[1] = SCHEMA_VERSION
-    event_id: str = Field(description="Unique per event; consumers drop repeats (delivery is at least once).")
-    feedback_id: str
-    completion_id: str = Field(description="Also the Kafka key: the ratings of one completion stay in order.")
-    revision: int = Field(ge=1, description="1 for a completion's first rating, +1 per change of mind.")
-    rating: Literal["up", "down"]
-    reward: float
-    supersedes: str | None = Field(description="The feedback id this rating replaces; never train on both.")
-    comment: str | None = None
-    user_id: str | None = None
-    rated_at: UTCDatetime
-    # --- the completion as served: a logged PPO sample ---
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class LoggedSample(_Message):
+    """A completion as served: everything PPO needs to train on it as a logged sample, in every kind of event."""
+
     messages: list[dict]
     prompt_token_ids: list[int]
     response_token_ids: list[int]
@@ -53,14 +49,59 @@ class FeedbackEvent(BaseModel):
     completion_created_at: UTCDatetime
 
     @model_validator(mode="after")
-    def _one_logprob_per_token(self) -> FeedbackEvent:
+    def _one_logprob_per_token(self) -> LoggedSample:
         if len(self.behaviour_logprobs) != len(self.response_token_ids):
             raise ValueError(f"{len(self.behaviour_logprobs)} behaviour log-probs for "
                              f"{len(self.response_token_ids)} response tokens")
         return self
 
-    def to_bytes(self) -> bytes:
-        return self.model_dump_json().encode()
+
+class FeedbackEvent(LoggedSample):
+    """One rating (thumb) of one completion."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    # optional so that events written before comparisons existed still read as ratings
+    event_type: Literal["rating"] = "rating"
+    event_id: str = Field(description="Unique per event; consumers drop repeats (delivery is at least once).")
+    feedback_id: str
+    completion_id: str = Field(description="Also the Kafka key: the ratings of one completion stay in order.")
+    revision: int = Field(ge=1, description="1 for a completion's first rating, +1 per change of mind.")
+    rating: Literal["up", "down"]
+    reward: float
+    supersedes: str | None = Field(description="The feedback id this rating replaces; never train on both.")
+    comment: str | None = None
+    user_id: str | None = None
+    rated_at: UTCDatetime
+
+
+class ComparedCompletion(LoggedSample):
+    """One of the choices a comparison ranks."""
+
+    completion_id: str
+
+
+class ComparisonEvent(_Message):
+    """One ranking, best first, of the choices of one chat request (a preferred answer and the other is a ranking
+    of two). The choices share their prompt and their user; each may come from another adapter version."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_type: Literal["comparison"] = "comparison"
+    event_id: str = Field(description="Unique per event; consumers drop repeats (delivery is at least once).")
+    feedback_id: str = Field(description="The comparison's id.")
+    request_id: str = Field(description="Also the Kafka key: the comparisons of one request stay in order.")
+    revision: int = Field(ge=1, description="1 for a request's first comparison, +1 per change of mind.")
+    supersedes: str | None = Field(description="The comparison this one replaces; never train on both.")
+    comment: str | None = None
+    user_id: str | None = None
+    rated_at: UTCDatetime
+    ranking: list[ComparedCompletion] = Field(min_length=2, description="The ranked choices, best first.")
+
+    @model_validator(mode="after")
+    def _each_choice_once(self) -> ComparisonEvent:
+        ids = [choice.completion_id for choice in self.ranking]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"a completion is ranked twice: {ids}")
+        return self
 
 
 class InvalidEvent(ValueError):
@@ -91,8 +132,13 @@ def describe(exc: ValidationError, most: int = 3) -> str:
     return "; ".join(problems[:most]) + more
 
 
-def parse_event(raw: bytes | None) -> FeedbackEvent:
-    """The event in ``raw`` (a Kafka message value), or a typed error that says what is wrong with it."""
+EVENT_TYPES: dict[str, type[FeedbackEvent | ComparisonEvent]] = {"rating": FeedbackEvent,
+                                                                  "comparison": ComparisonEvent}
+
+
+def parse_event(raw: bytes | None) -> FeedbackEvent | ComparisonEvent:
+    """The event in ``raw`` (a Kafka message value), or a typed error that says what is wrong with it. An event
+    without ``event_type`` is a rating, as every event was before comparisons."""
     if raw is None:
         raise MalformedEvent("message has no value")
     try:
@@ -106,7 +152,10 @@ def parse_event(raw: bytes | None) -> FeedbackEvent:
     version = data["schema_version"]
     if version != SCHEMA_VERSION:
         raise UnknownSchemaVersion(f"unknown schema_version {version!r}; this consumer reads {SCHEMA_VERSION}")
+    event_type = data.get("event_type", "rating")
+    if not isinstance(event_type, str) or event_type not in EVENT_TYPES:
+        raise MalformedEvent(f"unknown event_type {event_type!r}; this consumer reads {', '.join(EVENT_TYPES)}")
     try:
-        return FeedbackEvent.model_validate(data)
+        return EVENT_TYPES[event_type].model_validate(data)
     except ValidationError as exc:
         raise MalformedEvent(f"invalid version {SCHEMA_VERSION} event: {describe(exc)}") from None

@@ -51,6 +51,10 @@ class Completion(Base):
     prompt_tokens: Mapped[int] = mapped_column(Integer)
     completion_tokens: Mapped[int] = mapped_column(Integer)
     latency_ms: Mapped[float] = mapped_column(Float)
+    # A request for n > 1 choices stores one completion per choice; they share the request's id, which is what
+    # a comparison of them refers to. Completions served before comparisons existed have neither.
+    request_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    choice_index: Mapped[int | None] = mapped_column(Integer)
 
 
 # --- adapter registry (liveloop.registry) ------------------------------------------------------------
@@ -131,6 +135,25 @@ class Feedback(Base):
     comment: Mapped[str | None] = mapped_column(Text)
     client_feedback_id: Mapped[str | None] = mapped_column(String(200), unique=True)  # the client's idempotency key
     supersedes_id: Mapped[str | None] = mapped_column(ForeignKey("feedback.id"))
+    user_id: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class Comparison(Base):
+    """One ranking of the choices of one chat request, best first. Like a rating, a change of mind is a new row
+    with the next revision that supersedes the previous one."""
+
+    __tablename__ = "comparisons"
+    # One linear chain of revisions per request: two concurrent changes of mind collide here and one retries.
+    __table_args__ = (UniqueConstraint("request_id", "revision", name="uq_comparisons_request_revision"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(64), index=True)  # Completion.request_id of every ranked one
+    revision: Mapped[int] = mapped_column(Integer)  # 1 for a request's first comparison, +1 per change of mind
+    ranking: Mapped[list]  # completion ids, best first
+    comment: Mapped[str | None] = mapped_column(Text)
+    client_feedback_id: Mapped[str | None] = mapped_column(String(200), unique=True)  # the client's idempotency key
+    supersedes_id: Mapped[str | None] = mapped_column(ForeignKey("comparisons.id"))
     user_id: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
