@@ -162,6 +162,9 @@ class Simulation:
         prompt_index = rng.randrange(len(self.train_prompts))
         if self.config.feedback == FeedbackMode.compare:
             return await self._compare(rng, user, prompt_index)
+        return await self._thumb(rng, user, prompt_index)
+
+    async def _thumb(self, rng: random.Random, user: str, prompt_index: int) -> Rating:
         sent = time.monotonic()
         reply = await self.client.chat(self.train_prompts[prompt_index], model=ALIAS, params=self.config.params,
                                        user=user)
