@@ -137,6 +137,7 @@ async function send(content) {
       answer.classList.remove("streaming");
       answer.querySelector(answers.length === 1 ? ".thumbs" : ".prefer").hidden = false;
     }
+    shown.scrollIntoView({ block: "end" }); // it grew while streaming: its buttons come into view
   } catch (error) {
     // The question was not answered: it leaves the conversation and returns to the prompt, to send again.
     messages.pop();
