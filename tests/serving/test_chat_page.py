@@ -59,8 +59,9 @@ def _send(driver, text: str) -> None:
     driver.find_element(By.ID, "prompt").send_keys(text, Keys.ENTER)
 
 
-def _answered(driver, count: int, timeout: float = 60):
-    """The ``count``-th answer (a pair is two) once it has streamed to its end."""
+def _answered(driver, count: int, timeout: float = 180):
+    """The ``count``-th answer (a pair is two) once it has streamed to its end; the packaged model's 40 tokens
+    took over a minute on 2 busy cores."""
     done = ".message.assistant:not(.streaming)"
     WebDriverWait(driver, timeout).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, done)) >= count)
     return driver.find_elements(By.CSS_SELECTOR, ".message.assistant")[count - 1]

@@ -226,12 +226,12 @@ def test_a_compare_run_pits_the_canary_against_live_for_users_in_its_slice(make_
     settings = make_settings(base_model=tiny_model_dir, adapter_poll_s=0.2, canary_fraction=0.5)
     engine = make_engine(settings.resolved_database_url)
     registry = Registry(make_sessionmaker(engine), open_artifact_store(settings))
-    for name in ("v1", "v2"):
-        registry.register(name, make_adapter_dir(name, scale=0.05))
-        registry.judge(name, report={"passed": True, "gates": []}, failed=[])
-    registry.promote("v1", actor="test", reason="live")
-    registry.start_canary("v2", actor="test", reason="canary")
     with running_server(settings) as url:  # open API: the `user` field picks the slice
+        for name in ("v1", "v2"):
+            registry.register(name, make_adapter_dir(name, scale=0.05))
+            registry.judge(name, report={"passed": True, "gates": []}, failed=[])
+        registry.promote("v1", actor="test", reason="live")
+        registry.start_canary("v2", actor="test", reason="canary")
         deadline = time.monotonic() + 30
         while httpx.get(f"{url}/readyz").json()["canary_version"] != "v2":
             assert time.monotonic() < deadline, "the replica never routed the canary"
