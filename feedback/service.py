@@ -1,8 +1,13 @@
-"""Recording ratings: each feedback row and its outbox event in the same transaction (no HTTP here).
+"""Recording ratings and comparisons: each row and its outbox event in the same transaction (no HTTP here).
 
-Race safety comes from two unique constraints, not from locks, so it holds on SQLite and PostgreSQL alike and
+A rating judges one completion; a comparison ranks the choices of one chat request. Both go the same way through
+the same checks (the completions exist and were served to the caller, the feedback_id is new or repeats the same
+request, a change of mind chains to the previous revision); each request type says only what is its own.
+
+Race safety comes from unique constraints, not from locks, so it holds on SQLite and PostgreSQL alike and
 across API replicas: ``client_feedback_id`` makes a repeated request read back the first one's answer, and
-``(completion_id, revision)`` makes two concurrent changes of mind on one completion form a chain, not a fork.
+``(completion_id, revision)`` of ratings and ``(request_id, revision)`` of comparisons make two concurrent changes
+of mind form a chain, not a fork.
 A transaction that loses such a race rolls back and runs again on what the winner wrote.
 
 The API records through ``FeedbackWriter``, which commits whatever requests are waiting together (group commit):
@@ -21,28 +26,27 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import ClassVar
 
 from pydantic import ValidationError
-from sqlalchemy import bindparam, insert, select
+from sqlalchemy import Insert, Select, Table, bindparam, insert, select
 from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
-from feedback.events import FeedbackEvent, as_utc, describe
+from feedback.events import ComparedCompletion, ComparisonEvent, FeedbackEvent, as_utc, describe
 from feedback.relay import Relay
 from liveloop.settings import Settings
-from liveloop.tables import Completion, Feedback, OutboxMessage, utcnow
+from liveloop.tables import Comparison, Completion, Feedback, OutboxMessage, utcnow
 
 log = logging.getLogger(__name__)
 
 RATINGS = ("up", "down")
 # Core statements built once, values bound per call: ORM units of work and per-call statement construction
 # were most of the CPU time of a rating.
-_COMPLETIONS, _FEEDBACK, _OUTBOX = Completion.__table__, Feedback.__table__, OutboxMessage.__table__
+_COMPLETIONS, _FEEDBACK, _COMPARISONS = Completion.__table__, Feedback.__table__, Comparison.__table__
+_OUTBOX = OutboxMessage.__table__
 _COMPLETIONS_BY_ID = select(_COMPLETIONS).where(_COMPLETIONS.c.id.in_(bindparam("keys", expanding=True)))
-_FEEDBACK_BY_CLIENT_ID = select(_FEEDBACK).where(_FEEDBACK.c.client_feedback_id.in_(bindparam("keys", expanding=True)))
-_RATINGS_OF = (select(_FEEDBACK.c.id, _FEEDBACK.c.completion_id, _FEEDBACK.c.revision)
-               .where(_FEEDBACK.c.completion_id.in_(bindparam("keys", expanding=True))))
-_ADD_FEEDBACK, _ADD_OUTBOX = insert(_FEEDBACK), insert(_OUTBOX)
+_ADD_OUTBOX = insert(_OUTBOX)
 
 
 class FeedbackError(Exception):
@@ -50,7 +54,7 @@ class FeedbackError(Exception):
 
 
 class InvalidFeedback(FeedbackError):
-    """The rating or comment is not acceptable (→ 422)."""
+    """The rating, ranking or comment is not acceptable (→ 422)."""
 
 
 class UnknownCompletion(FeedbackError):
@@ -62,7 +66,7 @@ class NotCompletionOwner(FeedbackError):
 
 
 class FeedbackIdConflict(FeedbackError):
-    """The client's feedback_id was already used for a different rating (→ 409)."""
+    """The client's feedback_id was already used for a different rating or comparison (→ 409)."""
 
 
 class UnusableCompletion(InvalidFeedback):
@@ -113,12 +117,143 @@ class RecordedFeedback:
 
 
 @dataclass(frozen=True)
+class RecordedComparison:
+    id: str
+    request_id: str
+    ranking: tuple[str, ...]  # completion ids, best first
+    revision: int
+    supersedes: str | None
+    feedback_id: str | None  # the client's idempotency key, when it sent one
+    comment: str | None
+    user_id: str | None
+    created_at: datetime
+    created: bool  # False when this answers a repeated feedback_id
+
+    @classmethod
+    def of(cls, row: Mapping, *, created: bool) -> RecordedComparison:
+        """From a comparisons row (a mapping of its columns)."""
+        return cls(id=row["id"], request_id=row["request_id"], ranking=tuple(row["ranking"]), revision=row["revision"],
+                   supersedes=row["supersedes_id"], feedback_id=row["client_feedback_id"], comment=row["comment"],
+                   user_id=row["user_id"], created_at=as_utc(row["created_at"]), created=created)
+
+
+@dataclass(frozen=True, eq=False)
+class _Chain:
+    """Where the judgements of one kind are stored, and what their revision chains hang on: a rating's
+    completion, a comparison's chat request."""
+
+    key: str  # the column a chain of revisions shares
+    id_prefix: str
+    by_client_id: Select
+    revisions_of: Select
+    add: Insert
+
+    @classmethod
+    def of(cls, table: Table, key: str, id_prefix: str) -> _Chain:
+        return cls(key, id_prefix,
+                   select(table).where(table.c.client_feedback_id.in_(bindparam("keys", expanding=True))),
+                   select(table.c.id, table.c[key], table.c.revision).where(
+                       table.c[key].in_(bindparam("keys", expanding=True))),
+                   insert(table))
+
+
+_RATING_CHAIN = _Chain.of(_FEEDBACK, "completion_id", "fb-")
+_COMPARISON_CHAIN = _Chain.of(_COMPARISONS, "request_id", "cmp-")
+
+
+@dataclass(frozen=True)
 class FeedbackRequest:
+    """A rating of one completion."""
+
     completion_id: str
     rating: str
     feedback_id: str | None = None  # the client's idempotency key
     comment: str | None = None
     user_id: str | None = None  # the caller's identity when API keys are configured; None when the API is open
+
+    chain: ClassVar[_Chain] = _RATING_CHAIN
+
+    @property
+    def completion_ids(self) -> tuple[str, ...]:
+        return (self.completion_id,)
+
+    def check(self) -> None:
+        if self.rating not in RATINGS:
+            raise InvalidFeedback(f"rating must be one of {', '.join(RATINGS)}, not {self.rating!r}")
+
+    def chain_key(self, completions: list[Mapping]) -> str:
+        return self.completion_id
+
+    def body(self) -> dict:
+        """The columns that make this rating the same request as a stored one."""
+        return {"completion_id": self.completion_id, "rating": self.rating, "comment": self.comment,
+                "user_id": self.user_id}
+
+    def row(self, config: FeedbackConfig) -> dict:
+        return self.body() | {"reward": config.reward(self.rating)}
+
+    def event(self, row: Mapping, completions: list[Mapping]) -> FeedbackEvent:
+        [completion] = completions
+        return FeedbackEvent(
+            event_id=uuid.uuid4().hex, feedback_id=row["id"], completion_id=completion["id"], revision=row["revision"],
+            rating=row["rating"], reward=row["reward"], supersedes=row["supersedes_id"], comment=row["comment"],
+            user_id=row["user_id"], rated_at=row["created_at"], **_logged_sample(completion))
+
+    def recorded(self, row: Mapping, *, created: bool) -> RecordedFeedback:
+        return RecordedFeedback.of(row, created=created)
+
+
+@dataclass(frozen=True)
+class ComparisonRequest:
+    """A ranking, best first, of choices of one chat request (the preferred one and the other: a ranking of two)."""
+
+    ranking: tuple[str, ...]  # completion ids
+    feedback_id: str | None = None  # the client's idempotency key
+    comment: str | None = None
+    user_id: str | None = None  # the caller's identity when API keys are configured; None when the API is open
+
+    chain: ClassVar[_Chain] = _COMPARISON_CHAIN
+
+    @property
+    def completion_ids(self) -> tuple[str, ...]:
+        return self.ranking
+
+    def check(self) -> None:
+        if len(self.ranking) < 2:
+            raise InvalidFeedback(f"a ranking names at least 2 completions, not {len(self.ranking)}")
+        twice = sorted({c for c in self.ranking if self.ranking.count(c) > 1})
+        if twice:
+            raise InvalidFeedback(f"a ranking names each completion once; {', '.join(map(repr, twice))} twice")
+
+    def chain_key(self, completions: list[Mapping]) -> str:
+        """The chat request whose choices these are; InvalidFeedback when they are not choices of one request
+        (another prompt, another user)."""
+        request_ids = {completion["request_id"] for completion in completions}
+        if len(request_ids) != 1 or None in request_ids:
+            raise InvalidFeedback("the ranked completions are not choices of one chat request (ask for them with "
+                                  "n = 2 and rank its choices)")
+        return request_ids.pop()
+
+    def body(self) -> dict:
+        """The columns that make this ranking the same request as a stored one."""
+        return {"ranking": list(self.ranking), "comment": self.comment, "user_id": self.user_id}
+
+    def row(self, config: FeedbackConfig) -> dict:
+        return self.body()
+
+    def event(self, row: Mapping, completions: list[Mapping]) -> ComparisonEvent:
+        return ComparisonEvent(
+            event_id=uuid.uuid4().hex, feedback_id=row["id"], request_id=row["request_id"], revision=row["revision"],
+            supersedes=row["supersedes_id"], comment=row["comment"], user_id=row["user_id"],
+            rated_at=row["created_at"], ranking=[ComparedCompletion(completion_id=c["id"], **_logged_sample(c))
+                                                 for c in completions])
+
+    def recorded(self, row: Mapping, *, created: bool) -> RecordedComparison:
+        return RecordedComparison.of(row, created=created)
+
+
+Judgement = FeedbackRequest | ComparisonRequest
+Recorded = RecordedFeedback | RecordedComparison
 
 
 def record_feedback(session_factory: sessionmaker[Session], *, completion_id: str, rating: str,
@@ -132,11 +267,10 @@ def record_feedback(session_factory: sessionmaker[Session], *, completion_id: st
     return result
 
 
-def record_batch(session_factory: sessionmaker[Session], requests: Sequence[FeedbackRequest], *,
-                 config: FeedbackConfig = FeedbackConfig(),
-                 max_attempts: int = 5) -> list[RecordedFeedback | Exception]:
-    """Store many ratings in one transaction; each request gets its answer or its error, in order (a typed
-    FeedbackError, or the unexpected exception of a rating that failed on its own)."""
+def record_batch(session_factory: sessionmaker[Session], requests: Sequence[Judgement], *,
+                 config: FeedbackConfig = FeedbackConfig(), max_attempts: int = 5) -> list[Recorded | Exception]:
+    """Store many ratings and comparisons in one transaction; each request gets its answer or its error, in order
+    (a typed FeedbackError, or the unexpected exception of a request that failed on its own)."""
     try:
         return _record_together(session_factory, requests, config, max_attempts)
     except (OperationalError, InterfaceError) as exc:  # unreachable, connection lost, SQLite's lock wait ran out
@@ -149,14 +283,14 @@ def record_batch(session_factory: sessionmaker[Session], requests: Sequence[Feed
                     for result in record_batch(session_factory, [request], config=config, max_attempts=max_attempts)]
         if isinstance(exc, DataError | UnicodeError) or isinstance(exc, StatementError) and isinstance(
                 exc.orig, UnicodeError):
-            log.warning("the database refused a rating of %s: %s", requests[0].completion_id, exc)
+            log.warning("the database refused a rating of %s: %s", requests[0].completion_ids, exc)
             return [InvalidFeedback("the rating contains data the database cannot store")]
-        log.exception("recording a rating of %s failed", requests[0].completion_id)
+        log.exception("recording a rating of %s failed", requests[0].completion_ids)
         return [exc]
 
 
-def _record_together(session_factory: sessionmaker[Session], requests: Sequence[FeedbackRequest],
-                     config: FeedbackConfig, max_attempts: int) -> list[RecordedFeedback | FeedbackError]:
+def _record_together(session_factory: sessionmaker[Session], requests: Sequence[Judgement],
+                     config: FeedbackConfig, max_attempts: int) -> list[Recorded | FeedbackError]:
     for _ in range(max_attempts):
         try:
             with session_factory.begin() as session:
@@ -167,16 +301,19 @@ def _record_together(session_factory: sessionmaker[Session], requests: Sequence[
     return [error] * len(requests)
 
 
-def _record_batch(session: Session, requests: Sequence[FeedbackRequest],
-                  config: FeedbackConfig) -> list[RecordedFeedback | FeedbackError]:
-    completions = _rows_by(session, _COMPLETIONS_BY_ID, "id", {r.completion_id for r in requests})
-    earlier = _rows_by(session, _FEEDBACK_BY_CLIENT_ID, "client_feedback_id", {r.feedback_id for r in requests})
-    latest: dict[str, Mapping] = {}  # completion id -> its latest rating, so changes of mind chain
-    for row in _rows(session, _RATINGS_OF, set(completions)):
-        if row["completion_id"] not in latest or row["revision"] > latest[row["completion_id"]]["revision"]:
-            latest[row["completion_id"]] = row
-    results: list[RecordedFeedback | FeedbackError] = []
-    new_rows: list[tuple[dict, dict]] = []
+def _record_batch(session: Session, requests: Sequence[Judgement],
+                  config: FeedbackConfig) -> list[Recorded | FeedbackError]:
+    completions = _rows_by(session, _COMPLETIONS_BY_ID, "id", {c for r in requests for c in r.completion_ids})
+    client_ids = {r.feedback_id for r in requests}
+    # one namespace of feedback_ids for ratings and comparisons: a key reused across them is a conflict
+    earlier = {**_rows_by(session, _RATING_CHAIN.by_client_id, "client_feedback_id", set(client_ids)),
+               **_rows_by(session, _COMPARISON_CHAIN.by_client_id, "client_feedback_id", set(client_ids))}
+    rated = {r.completion_id for r in requests if isinstance(r, FeedbackRequest)}
+    compared = {completions[c]["request_id"] for r in requests if isinstance(r, ComparisonRequest)
+                for c in r.ranking if c in completions}
+    latest = {**_latest(session, _RATING_CHAIN, rated), **_latest(session, _COMPARISON_CHAIN, compared)}
+    results: list[Recorded | FeedbackError] = []
+    new_rows: dict[_Chain, list[tuple[dict, dict]]] = {}
     for request in requests:
         try:
             result, rows = _decide(request, completions, earlier, latest, config)
@@ -184,10 +321,10 @@ def _record_batch(session: Session, requests: Sequence[FeedbackRequest],
             result, rows = exc, None
         results.append(result)
         if rows is not None:
-            new_rows.append(rows)
-    if new_rows:
-        session.execute(_ADD_FEEDBACK, [feedback for feedback, _ in new_rows])
-        session.execute(_ADD_OUTBOX, [outbox for _, outbox in new_rows])
+            new_rows.setdefault(request.chain, []).append(rows)
+    for chain, rows in new_rows.items():
+        session.execute(chain.add, [row for row, _ in rows])
+        session.execute(_ADD_OUTBOX, [outbox for _, outbox in rows])
     return results
 
 
@@ -200,69 +337,73 @@ def _rows_by(session: Session, statement, column: str, keys: set) -> dict[str, M
     return {row[column]: row for row in _rows(session, statement, keys)}
 
 
-def _decide(request: FeedbackRequest, completions: Mapping[str, Mapping], earlier: dict[str, Mapping],
-            latest: dict[str, Mapping], config: FeedbackConfig) -> tuple[RecordedFeedback, tuple[dict, dict] | None]:
-    """The answer to one request, and the feedback and outbox rows to insert if it is a new rating. Updates
-    ``earlier`` and ``latest`` so that later requests of the same batch see it."""
-    _validate(request, config)
-    completion = completions.get(request.completion_id)
-    if completion is None:
-        raise UnknownCompletion(f"no completion with id {request.completion_id!r}")
-    if request.user_id is not None and completion["user_id"] != request.user_id:
-        raise NotCompletionOwner(f"completion {request.completion_id!r} was not served to this API key")
-    if request.feedback_id in earlier:
-        return _repeat(earlier[request.feedback_id], request), None
-    previous = latest.get(request.completion_id)
-    row = {"id": f"fb-{uuid.uuid4().hex}", "completion_id": request.completion_id,
-           "revision": previous["revision"] + 1 if previous else 1, "rating": request.rating,
-           "reward": config.reward(request.rating), "comment": request.comment,
-           "client_feedback_id": request.feedback_id, "supersedes_id": previous["id"] if previous else None,
-           "user_id": request.user_id, "created_at": utcnow()}
-    outbox = _outbox_row(row, completion, config)
-    latest[request.completion_id] = row
-    if request.feedback_id is not None:
-        earlier[request.feedback_id] = row
-    return RecordedFeedback.of(row, created=True), (row, outbox)
+def _latest(session: Session, chain: _Chain, keys: set) -> dict[tuple[_Chain, str], Mapping]:
+    """The latest revision of each chain named in ``keys``, so that changes of mind chain."""
+    latest: dict[tuple[_Chain, str], Mapping] = {}
+    for row in _rows(session, chain.revisions_of, keys):
+        key = (chain, row[chain.key])
+        if key not in latest or row["revision"] > latest[key]["revision"]:
+            latest[key] = row
+    return latest
 
 
-def _validate(request: FeedbackRequest, config: FeedbackConfig) -> None:
-    if request.rating not in RATINGS:
-        raise InvalidFeedback(f"rating must be one of {', '.join(RATINGS)}, not {request.rating!r}")
+def _decide(request: Judgement, completions: Mapping[str, Mapping], earlier: dict[str, Mapping],
+            latest: dict[tuple[_Chain, str], Mapping],
+            config: FeedbackConfig) -> tuple[Recorded, tuple[dict, dict] | None]:
+    """The answer to one request, and the row and outbox row to insert if it is new. Updates ``earlier`` and
+    ``latest`` so that later requests of the same batch see it."""
+    request.check()
     if request.comment is not None and len(request.comment) > config.comment_max_chars:
         raise InvalidFeedback(f"comment is {len(request.comment)} characters; at most {config.comment_max_chars}")
+    named = [completions.get(completion_id) for completion_id in request.completion_ids]
+    for completion_id, completion in zip(request.completion_ids, named, strict=True):
+        if completion is None:
+            raise UnknownCompletion(f"no completion with id {completion_id!r}")
+        if request.user_id is not None and completion["user_id"] != request.user_id:
+            raise NotCompletionOwner(f"completion {completion_id!r} was not served to this API key")
+    if request.feedback_id in earlier:
+        return _repeat(earlier[request.feedback_id], request), None
+    chain_key = request.chain_key(named)
+    previous = latest.get((request.chain, chain_key))
+    row = request.row(config) | {
+        "id": request.chain.id_prefix + uuid.uuid4().hex, request.chain.key: chain_key,
+        "revision": previous["revision"] + 1 if previous else 1, "supersedes_id": previous["id"] if previous else None,
+        "client_feedback_id": request.feedback_id, "created_at": utcnow()}
+    outbox = _outbox_row(request, row, named, chain_key, config)
+    latest[(request.chain, chain_key)] = row
+    if request.feedback_id is not None:
+        earlier[request.feedback_id] = row
+    return request.recorded(row, created=True), (row, outbox)
 
 
-def _repeat(earlier: Mapping, request: FeedbackRequest) -> RecordedFeedback:
+def _repeat(earlier: Mapping, request: Judgement) -> Recorded:
     """The first answer again if this is the same request; a conflict if the key was reused for another."""
-    same = (earlier["completion_id"], earlier["rating"], earlier["comment"], earlier["user_id"]) == (
-        request.completion_id, request.rating, request.comment, request.user_id)
-    if not same:
-        raise FeedbackIdConflict(f"feedback_id {request.feedback_id!r} was already used for a different rating")
-    return RecordedFeedback.of(earlier, created=False)
+    if any(earlier.get(column) != value for column, value in request.body().items()):
+        raise FeedbackIdConflict(f"feedback_id {request.feedback_id!r} was already used for a different rating "
+                                 "or comparison")
+    return request.recorded(earlier, created=False)
 
 
-def _outbox_row(row: Mapping, completion: Mapping, config: FeedbackConfig) -> dict:
-    """The outbox row of a new rating; UnusableCompletion when the stored completion cannot make an event."""
+def _outbox_row(request: Judgement, row: Mapping, completions: list[Mapping], key: str, config: FeedbackConfig) -> dict:
+    """The outbox row of a new rating or comparison; UnusableCompletion when a stored completion cannot make an
+    event."""
     try:
-        event = _event(row, completion)
+        event = request.event(row, completions)
     except ValidationError as exc:
-        raise UnusableCompletion(f"completion {completion['id']!r} cannot be rated: its stored data do not make a "
-                                 f"valid feedback event ({describe(exc)})") from None
-    return {"event_id": event.event_id, "topic": config.topic, "key": completion["id"],
-            "payload": event.model_dump(mode="json"), "created_at": row["created_at"], "attempts": 0,
-            "sent_at": None, "last_error": None}
+        named = ", ".join(repr(c["id"]) for c in completions)
+        raise UnusableCompletion(f"cannot rate {named}: the stored data do not make a valid feedback event "
+                                 f"({describe(exc)})") from None
+    return {"event_id": event.event_id, "topic": config.topic, "key": key, "payload": event.model_dump(mode="json"),
+            "created_at": row["created_at"], "attempts": 0, "sent_at": None, "last_error": None}
 
 
-def _event(row: Mapping, completion: Mapping) -> FeedbackEvent:
-    return FeedbackEvent(
-        event_id=uuid.uuid4().hex, feedback_id=row["id"], completion_id=completion["id"], revision=row["revision"],
-        rating=row["rating"], reward=row["reward"], supersedes=row["supersedes_id"], comment=row["comment"],
-        user_id=row["user_id"], rated_at=row["created_at"], messages=completion["messages"],
-        prompt_token_ids=completion["prompt_token_ids"], response_token_ids=completion["response_token_ids"],
-        behaviour_logprobs=completion["behaviour_logprobs"], adapter_version=completion["adapter_version"],
-        sampling_params=completion["sampling_params"], dtype=completion["dtype"],
-        completion_created_at=completion["created_at"],
-    )
+def _logged_sample(completion: Mapping) -> dict:
+    """The fields of ``feedback.events.LoggedSample`` from a stored completion."""
+    return {"messages": completion["messages"], "prompt_token_ids": completion["prompt_token_ids"],
+            "response_token_ids": completion["response_token_ids"],
+            "behaviour_logprobs": completion["behaviour_logprobs"], "adapter_version": completion["adapter_version"],
+            "sampling_params": completion["sampling_params"], "dtype": completion["dtype"],
+            "completion_created_at": completion["created_at"]}
 
 
 class FeedbackWriter:
@@ -279,7 +420,7 @@ class FeedbackWriter:
         self._sessions, self._config, self._max_batch = session_factory, config, max_batch
         self._max_waiting, self._timeout_s = max_waiting, timeout_s
         # request, its future, and the monotonic time its wait ends
-        self._queue: queue.Queue[tuple[FeedbackRequest, asyncio.Future, float] | None] = queue.Queue(max_waiting)
+        self._queue: queue.Queue[tuple[Judgement, asyncio.Future, float] | None] = queue.Queue(max_waiting)
         self._thread: threading.Thread | None = None
 
     def start(self) -> FeedbackWriter:
@@ -287,9 +428,9 @@ class FeedbackWriter:
         self._thread.start()
         return self
 
-    async def record(self, request: FeedbackRequest) -> RecordedFeedback:
-        """The recorded rating once it is committed; raises the request's FeedbackError (FeedbackUnavailable when
-        the database did not take it in time)."""
+    async def record(self, request: Judgement) -> Recorded:
+        """The recorded rating or comparison once it is committed; raises the request's FeedbackError
+        (FeedbackUnavailable when the database did not take it in time)."""
         future = asyncio.get_running_loop().create_future()
         try:
             self._queue.put_nowait((request, future, time.monotonic() + self._timeout_s))
@@ -323,7 +464,7 @@ class FeedbackWriter:
             if None in waiting:
                 return
 
-    def _write(self, batch: list[tuple[FeedbackRequest, asyncio.Future]]) -> None:
+    def _write(self, batch: list[tuple[Judgement, asyncio.Future]]) -> None:
         try:
             results = record_batch(self._sessions, [request for request, _ in batch], config=self._config)
         except Exception as exc:  # the database is unreachable, say: every waiting request learns it
@@ -339,7 +480,7 @@ class FeedbackWriter:
                 log.warning("%d ratings were recorded for an event loop that has closed", len(settled))
 
 
-def _settle(settled: list[tuple[asyncio.Future, RecordedFeedback | Exception]]) -> None:
+def _settle(settled: list[tuple[asyncio.Future, Recorded | Exception]]) -> None:
     for future, result in settled:
         if future.cancelled():  # the client went away; its rating is recorded all the same
             continue

@@ -141,19 +141,32 @@ class Engine:
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Queue a request; its tokens arrive on the returned stream. Raises InvalidRequest, UnknownAdapter,
         EngineFull (the queue holds ``max_queue`` waiting requests) or EngineStopped."""
-        self._validate(request)
-        stream = RequestStream(request, self._wake)
-        text = IncrementalText(self._tokenizer, request.params.stop)
-        with self._lock:  # the adapter is pinned and the request queued at once, or neither
+        [stream] = self.submit_all([request])
+        return stream
+
+    def submit_all(self, requests: list[GenerationRequest]) -> list[RequestStream]:
+        """Queue requests all together or none of them (the choices of one chat request); each counts against
+        ``max_queue``. Raises as ``submit`` does."""
+        for request in requests:
+            self._validate(request)
+        streams = [RequestStream(request, self._wake) for request in requests]
+        texts = [IncrementalText(self._tokenizer, request.params.stop) for request in requests]
+        pinned: list[str | None] = []
+        with self._lock:  # the adapters are pinned and the requests queued at once, or none
             if self._stopped:
                 raise EngineStopped("the engine is shut down")
-            slot = self._adapters.pin(request.adapter)
             try:
-                self._scheduler.add(ServedSequence(request, stream, text, slot=slot, on_done=self._done))
+                sequences = []
+                for request, stream, text in zip(requests, streams, texts, strict=True):
+                    slot = self._adapters.pin(request.adapter)
+                    pinned.append(request.adapter)
+                    sequences.append(ServedSequence(request, stream, text, slot=slot, on_done=self._done))
+                self._scheduler.add(*sequences)
             except BaseException:
-                self._adapters.unpin(request.adapter)
+                for adapter in pinned:
+                    self._adapters.unpin(adapter)
                 raise
-        return stream
+        return streams
 
     def _validate(self, request: GenerationRequest) -> None:
         params, prompt = request.params, request.prompt_ids

@@ -62,3 +62,5 @@ RATINGS = Counter("liveloop_feedback_ratings_total", "Ratings stored, by thumb (
                   ["rating"])
 for thumb in ("up", "down"):  # both series exist from the start, at 0
     RATINGS.labels(thumb)
+COMPARISONS = Counter("liveloop_feedback_comparisons_total",
+                      "Comparisons stored (a change of mind counts again).")

@@ -66,7 +66,11 @@ class ChatCompletionRequest(BaseModel):
     top_logprobs: int | None = Field(None, ge=0, le=0, description="Only 0 is supported.")
     max_completion_tokens: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI in favour of max_completion_tokens.")
-    n: int = Field(1, ge=1, le=1, description="One choice per request.")
+    n: int = Field(1, json_schema_extra={"enum": [1, 2]}, description=(
+        "1, or 2 for two answers to compare (rate them with a `ranking` in POST /v1/feedback). Each choice is a "
+        "generation of its own: it counts against the queue as a request does, max_tokens applies to each, and "
+        "usage sums both. In the canary's slice the two come from the live version and the canary, in random "
+        "order; otherwise both are samples of the version `model` resolves to."))
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1], description="A 64-bit integer.")
     stop: Annotated[str | Annotated[list[str], Field(max_length=4)] | None, AfterValidator(_storable)] = Field(
         None, description="Up to 4 strings; each at most LIVELOOP_MAX_STOP_CHARS characters.")
@@ -85,6 +89,13 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("messages contain no text")
         return messages
 
+    @field_validator("n")
+    @classmethod
+    def _one_or_two_choices(cls, n: int) -> int:
+        if n not in (1, 2):
+            raise ValueError("n must be 1 or 2")
+        return n
+
     @field_validator("stop")
     @classmethod
     def _stop_not_empty(cls, stop: str | list[str] | None) -> str | list[str] | None:
@@ -95,9 +106,15 @@ class ChatCompletionRequest(BaseModel):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    def sampling_params(self, max_tokens: int) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, choice: int = 0) -> SamplingParams:
+        """The parameters of choice number ``choice``. With a seed, each choice samples from its own (the seed plus
+        its index, wrapping), or two choices of one version would be the same answer."""
         temperature = self.temperature and max(self.temperature, MIN_TEMPERATURE)  # 0 stays greedy
-        return SamplingParams(temperature=temperature, top_p=self.top_p, max_tokens=max_tokens, seed=self.seed,
+        seed = self.seed
+        if seed is not None:
+            low, high = SEED_RANGE
+            seed = low + (seed - low + choice) % (high - low + 1)
+        return SamplingParams(temperature=temperature, top_p=self.top_p, max_tokens=max_tokens, seed=seed,
                               stop=self.stop_strings())
 
     def stop_strings(self) -> tuple[str, ...]:
@@ -131,13 +148,20 @@ class Choice(BaseModel):
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length"]
+    # --- liveloop extras ---------------------------------------------------------------------------------
+    completion_id: str = Field(description="The id to rate this choice by; with n = 1 the response's `id`.")
+    model: str = Field(description="The model version that produced this choice.")
 
 
 class ChatCompletion(BaseModel):
-    id: str = Field(description="The completion id; send it back with feedback.")
+    id: str = Field(description=(
+        "The request's id. With n = 1 it is also the completion's id, which feedback rates; with n = 2 each "
+        "choice has its own `completion_id`, and a comparison ranks them."))
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
-    model: str = Field(description="The model version that produced this completion.")
+    model: str = Field(description=(
+        "The model version that produced the choices; when two versions did (the live version and the canary), "
+        "both, comma-separated in choice order."))
     choices: list[Choice]
     usage: Usage
 
@@ -152,6 +176,9 @@ class ChunkChoice(BaseModel):
     delta: Delta
     logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
+    # --- liveloop extras, in the first chunk of each choice ------------------------------------------------
+    completion_id: str | None = Field(None, description="The id to rate this choice by.")
+    model: str | None = Field(None, description="The model version that produces this choice.")
 
 
 class ChatCompletionChunk(BaseModel):

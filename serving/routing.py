@@ -11,6 +11,7 @@ it finishes on the version it started with.
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass, field, replace
 
@@ -89,7 +90,22 @@ class AdapterSet:
         """What serves ``model``. Only the alias is routed by ``identity`` (the caller's API-key identity, or the
         request's ``user`` on an open API; None never gets the canary): a request that names a version or the
         base model is pinned to it, and the canary and rollback statistics leave it out."""
+        return self._resolve(self._routing, model, identity)
+
+    def resolve_choices(self, model: str, identity: str | None, n: int, coin: random.Random) -> list[Resolved]:
+        """What serves each of ``n`` choices. Two choices of the alias for a user of the canary slice are the
+        live version and the canary, in the order ``coin`` draws, so that the comparison pits them against each
+        other; otherwise every choice is served by what ``resolve`` picks."""
         routing = self._routing  # one read: the whole resolution sees one routing
+        resolved = self._resolve(routing, model, identity)
+        in_slice = model == self.alias and routing.canary is not None and resolved.adapter == routing.canary
+        if n != 2 or not in_slice:
+            return [resolved] * n
+        pair = [Resolved(routing.live, routing.live or self.base_model_id), resolved]
+        coin.shuffle(pair)
+        return pair
+
+    def _resolve(self, routing: _Routing, model: str, identity: str | None) -> Resolved:
         if model == self.alias:
             chosen = routing.live
             if routing.canary is not None and in_canary(identity, routing.canary, self.canary_fraction):

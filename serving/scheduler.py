@@ -27,12 +27,12 @@ class Scheduler:
     def __len__(self) -> int:
         return len(self._waiting)
 
-    def add(self, sequence: ServedSequence) -> None:
-        """Queue a sequence, or raise EngineFull."""
+    def add(self, *sequences: ServedSequence) -> None:
+        """Queue the sequences, all or none: EngineFull when they do not all fit."""
         with self._lock:
-            if len(self._waiting) >= self.max_queue:
+            if len(self._waiting) + len(sequences) > self.max_queue:
                 raise EngineFull(f"{len(self._waiting)} requests are already waiting")
-            self._waiting.append(sequence)
+            self._waiting.extend(sequences)
             metrics.WAITING.set(len(self._waiting))
             self._lock.notify_all()
 

@@ -29,6 +29,8 @@ class CompletionRecord:
     dtype: str
     finish_reason: str
     latency_ms: float
+    request_id: str  # the chat response's id, shared by the choices of one request
+    choice_index: int
 
     @property
     def prompt_tokens(self) -> int:
@@ -43,11 +45,11 @@ class CompletionStore:
     def __init__(self, session_factory: sessionmaker[Session]):
         self._sessions = session_factory
 
-    def add(self, record: CompletionRecord) -> None:
-        row = Completion(**asdict(record), prompt_tokens=record.prompt_tokens,
-                         completion_tokens=record.completion_tokens)
+    def add(self, *records: CompletionRecord) -> None:
+        rows = [Completion(**asdict(record), prompt_tokens=record.prompt_tokens,
+                           completion_tokens=record.completion_tokens) for record in records]
         with self._sessions.begin() as session:
-            session.add(row)
+            session.add_all(rows)
 
     def get(self, completion_id: str) -> Completion | None:
         with self._sessions() as session:

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy import select
 
 from feedback.consumer import FeedbackConsumer
+from feedback.events import ComparisonEvent, parse_event
 from feedback.relay import Relay
 from feedback.replay import replay
 from liveloop.tables import Completion, Feedback, utcnow
@@ -44,6 +45,15 @@ def complete(client: httpx.Client, key: str = "none") -> str:
                            json={"model": "liveloop", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
     assert response.status_code == 200, response.text
     return response.json()["id"]
+
+
+def complete_pair(client: httpx.Client, key: str = "none") -> tuple[str, str, str]:
+    """A chat request for two choices: its id and the choices' completion ids."""
+    response = client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, json={
+        "model": "liveloop", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "n": 2})
+    assert response.status_code == 200, response.text
+    first, second = (choice["completion_id"] for choice in response.json()["choices"])
+    return response.json()["id"], first, second
 
 
 def rate(client: httpx.Client, key: str = "none", **body) -> httpx.Response:
@@ -184,3 +194,51 @@ def test_a_database_that_is_down_gets_503_not_a_hang(api, database_url, sessions
     with sessions() as session:
         recorded = set(session.scalars(select(Feedback.client_feedback_id)))
     assert "after" in recorded and not {"down-1", "down-2"} & recorded  # answered 503 before a write: never written
+
+
+def test_a_comparison_flows_from_the_api_through_the_outbox_to_the_topic(api, read_topic):
+    with api() as (client, settings):
+        request_id, first, second = complete_pair(client)
+        body = {"ranking": [second, first], "feedback_id": "client-1", "comment": "shorter"}
+        ranked = rate(client, **body)
+        assert ranked.status_code == 202, ranked.text
+        assert rate(client, **body).json() == ranked.json()  # a retried request: same answer, no second event
+        changed = rate(client, ranking=[first, second])
+        records = read_topic(settings, settings.feedback_topic, 2)
+    answer = ranked.json()
+    assert {k: answer[k] for k in ("object", "ranking", "feedback_id", "supersedes")} == {
+        "object": "feedback.comparison", "ranking": [second, first], "feedback_id": "client-1", "supersedes": None}
+    assert changed.status_code == 202 and changed.json()["supersedes"] == answer["id"]
+    events = [parse_event(record.value) for record in records]
+    assert all(isinstance(e, ComparisonEvent) for e in events) and len(events) == 2
+    assert {record.key.decode() for record in records} == {request_id}
+    assert [(e.feedback_id, e.revision, [c.completion_id for c in e.ranking]) for e in events] == [
+        (answer["id"], 1, [second, first]), (changed.json()["id"], 2, [first, second])]
+    assert events[0].comment == "shorter" and all(len(c.behaviour_logprobs) >= 1 for c in events[0].ranking)
+
+
+def test_comparison_errors_are_openai_errors(api):
+    with api(api_keys=KEYS) as (client, _):
+        _, first, second = complete_pair(client, "key-alice")
+        _, other, _ = complete_pair(client, "key-alice")
+        alone, also_alone = complete(client, "key-alice"), complete(client, "key-alice")
+        _, bobs, _ = complete_pair(client, "key-bob")
+        cases = {
+            "another key's": (rate(client, "key-bob", ranking=[first, second]), 403, "not served to this API key"),
+            "no key": (rate(client, "key-nobody", ranking=[first, second]), 401, "API key"),
+            "unknown": (rate(client, "key-alice", ranking=[first, "chatcmpl-nope"]), 404, "chatcmpl-nope"),
+            "other prompt": (rate(client, "key-alice", ranking=[first, other]), 422, "not choices of one chat"),
+            "other user": (rate(client, "key-alice", ranking=[first, bobs]), 403, "not served to this API key"),
+            "served alone": (rate(client, "key-alice", ranking=[alone, also_alone]), 422, "not choices of one chat"),
+            "twice": (rate(client, "key-alice", ranking=[first, first]), 422, "twice"),
+            "one": (rate(client, "key-alice", ranking=[first]), 422, "at least 2"),
+            "and a rating": (rate(client, "key-alice", ranking=[first, second], completion_id=first, rating="up"),
+                             422, "either completion_id and rating, or ranking"),
+            "neither": (rate(client, "key-alice", comment="hm"), 422, "either completion_id and rating, or ranking"),
+        }
+        assert rate(client, "key-alice", ranking=[first, second], feedback_id="k").status_code == 202
+        cases["key reused"] = (rate(client, "key-alice", ranking=[second, first], feedback_id="k"), 409, "feedback_id")
+    for case, (response, status, fragment) in cases.items():
+        assert response.status_code == status, (case, response.text)
+        error = response.json()["error"]
+        assert fragment in error["message"] and error["type"], (case, error)

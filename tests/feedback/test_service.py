@@ -1,23 +1,28 @@
 import asyncio
+import json
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from sqlalchemy import func, select
 
-from feedback.events import parse_event
+from feedback.events import ComparisonEvent, parse_event
 from feedback.service import (
+    ComparisonRequest,
     FeedbackConfig,
     FeedbackIdConflict,
     FeedbackRequest,
     FeedbackWriter,
     InvalidFeedback,
     NotCompletionOwner,
+    RecordedComparison,
+    RecordedFeedback,
     UnknownCompletion,
     UnusableCompletion,
     record_batch,
     record_feedback,
 )
-from liveloop.tables import Feedback, OutboxMessage
+from liveloop.tables import Comparison, Feedback, OutboxMessage
 
 
 def stored(sessions):
@@ -185,3 +190,116 @@ def test_writer_answers_each_submission_from_group_commits(sessions, add_complet
         by_completion.setdefault(result.completion_id, []).append(result.revision)
     assert all(sorted(revisions) == [1, 2, 3] for revisions in by_completion.values())
     assert [len(rows) for rows in stored(sessions)] == [120, 120]
+
+
+# --- comparisons ---------------------------------------------------------------------------------------------------
+
+
+def choices(add_completion, count: int = 2, **fields) -> list[str]:
+    """The completions of one chat request's ``count`` choices, as serving stores them."""
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    return [add_completion(request_id=request_id, choice_index=index, **fields) for index in range(count)]
+
+
+def compare(sessions, *ranking: str, **fields) -> RecordedComparison:
+    [result] = record_batch(sessions, [ComparisonRequest(ranking, **fields)])
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def stored_comparisons(sessions):
+    with sessions() as session:
+        comparisons = session.scalars(select(Comparison).order_by(Comparison.revision)).all()
+        outbox = session.scalars(select(OutboxMessage).order_by(OutboxMessage.id)).all()
+    return comparisons, outbox
+
+
+def test_comparison_writes_its_row_and_an_event_of_both_samples(sessions, add_completion):
+    request_id = "chatcmpl-request"
+    live = add_completion(user_id="alice", request_id=request_id, choice_index=0, adapter_version="policy-0001")
+    canary = add_completion(user_id="alice", request_id=request_id, choice_index=1, adapter_version="policy-0002",
+                            behaviour_logprobs=[-0.25, -2.0])
+    result = compare(sessions, canary, live, comment="the second is wrong", user_id="alice")
+    [row], [message] = stored_comparisons(sessions)
+    assert (row.id, row.request_id, row.ranking, row.revision, row.supersedes_id) == (
+        result.id, request_id, [canary, live], 1, None)
+    assert (message.key, result.ranking, result.created) == (request_id, (canary, live), True)
+    event = parse_event(json.dumps(message.payload).encode())
+    assert isinstance(event, ComparisonEvent) and event.event_id == message.event_id
+    assert (event.feedback_id, event.request_id, event.revision, event.supersedes) == (result.id, request_id, 1, None)
+    assert (event.comment, event.user_id) == ("the second is wrong", "alice")
+    assert [(c.completion_id, c.adapter_version, c.behaviour_logprobs) for c in event.ranking] == [
+        (canary, "policy-0002", [-0.25, -2.0]), (live, "policy-0001", [-0.5, -1.25])]
+
+
+@pytest.mark.parametrize(("case", "error", "fragment"), [
+    ("unknown", UnknownCompletion, "no completion with id 'chatcmpl-missing'"),
+    ("another user's", NotCompletionOwner, "not served to this API key"),
+    ("other request", InvalidFeedback, "not choices of one chat request"),
+    ("served alone, before comparisons", InvalidFeedback, "not choices of one chat request"),
+    ("twice", InvalidFeedback, "twice"),
+    ("one", InvalidFeedback, "at least 2"),
+])
+def test_a_comparison_that_cannot_be_stores_nothing(sessions, add_completion, case, error, fragment):
+    first, second = choices(add_completion, user_id="alice")
+    ranking = {"unknown": (first, "chatcmpl-missing"), "another user's": (first, add_completion(user_id="bob")),
+               "other request": (first, choices(add_completion, user_id="alice")[0]),
+               "served alone, before comparisons": (add_completion(user_id="alice"), add_completion(user_id="alice")),
+               "twice": (first, second, first), "one": (first,)}[case]
+    with pytest.raises(error, match=fragment):
+        compare(sessions, *ranking, user_id="alice")
+    assert stored_comparisons(sessions) == ([], [])
+
+
+def test_same_comparison_feedback_id_gets_the_same_answer_and_a_different_body_a_conflict(sessions, add_completion):
+    first, second = choices(add_completion)
+    rated = add_completion()
+    recorded = compare(sessions, first, second, feedback_id="k")
+    again = compare(sessions, first, second, feedback_id="k")
+    assert (again.id, again.created) == (recorded.id, False)
+    with pytest.raises(FeedbackIdConflict):
+        compare(sessions, second, first, feedback_id="k")
+    record_feedback(sessions, completion_id=rated, rating="up", feedback_id="rating-key")
+    with pytest.raises(FeedbackIdConflict):  # one namespace of keys for ratings and comparisons
+        compare(sessions, first, second, feedback_id="rating-key")
+    with pytest.raises(FeedbackIdConflict):
+        record_feedback(sessions, completion_id=first, rating="up", feedback_id="k")
+    comparisons, outbox = stored_comparisons(sessions)
+    assert len(comparisons) == 1 and len(outbox) == 2  # the comparison's event and the rating's
+
+
+def test_a_new_ranking_of_the_same_choices_supersedes_the_previous_one(sessions, add_completion):
+    first, second = choices(add_completion)
+    before = compare(sessions, first, second)
+    changed = compare(sessions, second, first)
+    assert (changed.revision, changed.supersedes) == (2, before.id)
+    _, outbox = stored_comparisons(sessions)
+    assert [m.payload["revision"] for m in outbox] == [1, 2]
+    assert outbox[1].payload["supersedes"] == before.id
+
+
+def test_concurrent_comparisons_of_one_request_form_one_chain(sessions, add_completion):
+    first, second = choices(add_completion)
+    rankings = [(first, second), (second, first)] * 6
+
+    def record(ranking):
+        [result] = record_batch(sessions, [ComparisonRequest(ranking)], max_attempts=50)
+        return result
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(record, rankings))
+    by_revision = {r.revision: r for r in results}
+    assert sorted(by_revision) == list(range(1, len(rankings) + 1))
+    assert all(by_revision[n].supersedes == by_revision[n - 1].id for n in range(2, len(rankings) + 1))
+    assert len(stored_comparisons(sessions)[1]) == len(rankings)
+
+
+def test_ratings_and_comparisons_share_a_batch_and_its_answers(sessions, add_completion):
+    first, second = choices(add_completion)
+    requests = [FeedbackRequest(first, "up"), ComparisonRequest((first, second)), ComparisonRequest((first, "nope")),
+                ComparisonRequest((second, first))]
+    rating, comparison, unknown, changed = record_batch(sessions, requests)
+    assert isinstance(rating, RecordedFeedback) and isinstance(unknown, UnknownCompletion)
+    assert (comparison.revision, changed.revision, changed.supersedes) == (1, 2, comparison.id)
+    assert [m.key for m in stored_comparisons(sessions)[1]] == [first, comparison.request_id, comparison.request_id]

@@ -100,7 +100,7 @@ def test_concurrent_requests_all_complete(serve):
     ({"model": "liveloop", "messages": MESSAGES, "max_tokens": 100000}, 400, "max_tokens"),
     ({"model": "liveloop", "messages": MESSAGES, "max_tokens": 500}, 400, "context length"),
     ({"model": "liveloop", "messages": [{"role": "user", "content": "sea " * 600}]}, 400, "context length"),
-    ({"model": "liveloop", "messages": MESSAGES, "n": 2}, 422, "n"),
+    ({"model": "liveloop", "messages": MESSAGES, "n": 3}, 422, "n must be 1 or 2"),
     ({"model": "no-such-model", "messages": MESSAGES}, 404, "no-such-model"),
     ({"messages": MESSAGES}, 422, "model"),
 ])
