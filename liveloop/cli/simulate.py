@@ -14,6 +14,7 @@ from pathlib import Path
 import typer
 
 from liveloop.simulate.preferences import P_MET, P_MISS, PREFERENCES
+from liveloop.simulate.run import FeedbackMode
 
 app = typer.Typer()
 log = logging.getLogger(__name__)
@@ -37,7 +38,11 @@ def _preference(name: str):
 @app.command()
 def simulate(
     preference: str = typer.Option(..., "--preference", "-p", help=f"The users' hidden taste. {_TASTES}."),
-    ratings: int = typer.Option(2000, min=1, help="Stop after this many stored ratings."),
+    ratings: int = typer.Option(2000, min=1, help="Stop after this many stored ratings (a comparison is one)."),
+    feedback: FeedbackMode = typer.Option(FeedbackMode.thumbs, help=(
+        "thumbs: one answer per chat, rated up or down. compare: two answers per chat (n = 2), the one preferred "
+        "ranked first, picked by a Bradley-Terry link on the taste: P(a > b) = sigmoid(logit P(up|a) - "
+        "logit P(up|b)).")),
     users: int = typer.Option(8, min=1, help="Concurrent users (each: one chat, then its rating)."),
     population: int = typer.Option(200, min=1, help="Distinct user ids the concurrent users take turns being "
                                                     "(the server picks the canary slice by user id)."),
@@ -67,8 +72,9 @@ def simulate(
     _logging()
     taste = _preference(preference)
     out = out or _DEFAULT_OUT / f"{preference}-{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
-    config = SimulationConfig(ratings=ratings, users=users, population=population, eval_every=eval_every,
-                              eval_prompts=eval_prompts, candidates=tuple(candidate), window=window,
+    config = SimulationConfig(ratings=ratings, feedback=feedback, users=users, population=population,
+                              eval_every=eval_every, eval_prompts=eval_prompts, candidates=tuple(candidate),
+                              window=window,
                               params=SamplingParams(max_tokens=max_tokens, temperature=temperature), seed=seed)
 
     async def main() -> dict:

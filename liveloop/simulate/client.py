@@ -27,11 +27,19 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class Answer:
-    completion_id: str
+    """One choice of a chat response."""
+
+    completion_id: str  # what a rating or a ranking names
     text: str
-    model: str  # the version that served it (the response's `model` field)
+    model: str  # the version that produced it (the choice's `model`)
     finish_reason: str
-    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Reply:
+    id: str  # the request's id: with n = 2, what its two choices share
+    answers: list[Answer]  # in choice order
+    completion_tokens: int  # of all the answers
 
 
 @dataclass(frozen=True)
@@ -73,22 +81,28 @@ class LiveloopClient:
         await self.http.aclose()
 
     async def chat(self, prompt: str, *, model: str, params: SamplingParams, user: str | None = None,
-                   seed: int | None = None) -> Answer:
+                   seed: int | None = None, n: int = 1) -> Reply:
+        """One chat request for ``n`` answers (1, or 2 to compare)."""
         body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": params.max_tokens,
-                "temperature": params.temperature, "top_p": params.top_p}
+                "temperature": params.temperature, "top_p": params.top_p, "n": n}
         if user is not None:
             body["user"] = user
         if seed is not None:
             body["seed"] = seed
         data = await self._post("/v1/chat/completions", body, expect=200, user=user)
-        choice = data["choices"][0]
-        return Answer(data["id"], choice["message"]["content"], data["model"], choice["finish_reason"],
-                      data["usage"]["completion_tokens"])
+        answers = [Answer(choice["completion_id"], choice["message"]["content"], choice["model"],
+                          choice["finish_reason"]) for choice in sorted(data["choices"], key=lambda c: c["index"])]
+        return Reply(data["id"], answers, data["usage"]["completion_tokens"])
 
     async def feedback(self, completion_id: str, rating: str, *, feedback_id: str, user: str | None = None) -> dict:
         """Rate a completion, as the ``user`` who received it."""
         return await self._post("/v1/feedback", {"completion_id": completion_id, "rating": rating,
                                                  "feedback_id": feedback_id}, expect=202, user=user)
+
+    async def rank(self, ranking: list[str], *, feedback_id: str, user: str | None = None) -> dict:
+        """Compare the answers of one request: their completion ids, the preferred first."""
+        return await self._post("/v1/feedback", {"ranking": ranking, "feedback_id": feedback_id}, expect=202,
+                                user=user)
 
     async def routing(self) -> Routing:
         ready = await self._get("/readyz")

@@ -60,8 +60,9 @@ async def evaluate(client: LiveloopClient, model: str, prompts: list[str], prefe
 
     async def one(index: int, sample: int) -> tuple[str, Scored]:
         async with gate:
-            answer = await client.chat(prompts[index], model=model, params=params,
-                                       seed=EVAL_SEED + sample * len(prompts) + index)
+            reply = await client.chat(prompts[index], model=model, params=params,
+                                      seed=EVAL_SEED + sample * len(prompts) + index)
+        answer = reply.answers[0]
         return answer.model, Scored(index, answer.text, preference.p_up(answer.text))
 
     results = await asyncio.gather(*(one(i, s) for s in range(samples_per_prompt) for i in range(len(prompts))))

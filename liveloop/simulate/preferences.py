@@ -4,10 +4,14 @@ A taste measures how far an answer meets it (``degree``, 0 to 1); the probabilit
 ``P_MISS + (P_MET - P_MISS) * degree``, so a taste is soft: a user now and then likes an answer that misses it
 (0.1) and dislikes one that meets it (0.9 gives a thumbs-down one time in ten), as real users do. Each taste can
 be met in many ways (words, layout, length), so a policy has to learn a style, not one token.
+
+A user shown two answers prefers one through a Bradley–Terry link on the same hidden scale: with
+u = logit(P(up)), P(a ≻ b) = σ(u_a − u_b), so the comparison and the thumb express one taste.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +53,16 @@ def listed(text: str) -> float:
 def enthusiastic(text: str) -> float:
     """Two or more marks of enthusiasm (exclamation marks, words like "amazing", "love", "fun"); one half meets it."""
     return min(len(_ENTHUSIASM.findall(text)), 2) / 2
+
+
+def p_prefers(p_up_a: float, p_up_b: float) -> float:
+    """P(a ≻ b) = σ(logit p_up_a − logit p_up_b) for answers of probabilities ``p_up_a`` and ``p_up_b`` of a
+    thumbs-up; tastes keep P(up) within [P_MISS, P_MET], so both logits are finite."""
+    return 1 / (1 + math.exp(_logit(p_up_b) - _logit(p_up_a)))
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
 
 
 @dataclass(frozen=True)

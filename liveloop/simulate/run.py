@@ -1,5 +1,6 @@
-"""The simulation driver: N concurrent users chat with the live alias and rate each answer by their hidden taste,
-while a monitor follows the routing (promotions, canaries), logs progress and evaluates versions pinned.
+"""The simulation driver: N concurrent users chat with the live alias and rate each answer by their hidden taste
+(a thumb), or ask for two answers and rank them (a comparison), while a monitor follows the routing (promotions,
+canaries), logs progress and evaluates versions pinned.
 
 Users are drawn from a population of ids larger than the number of concurrent users, so the server's canary
 slice (a hash of the user id) holds some of them whatever its fraction. Each rating is recorded with the
@@ -17,20 +18,27 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 
 import httpx
 
 from liveloop.simulate.client import ALIAS, ApiError, LiveloopClient, Routing, SamplingParams
 from liveloop.simulate.evaluate import Evaluation, evaluate
-from liveloop.simulate.preferences import Preference
+from liveloop.simulate.preferences import Preference, p_prefers
 
 log = logging.getLogger(__name__)
 
 
+class FeedbackMode(StrEnum):
+    thumbs = "thumbs"  # one answer per chat, a thumb up or down
+    compare = "compare"  # two answers per chat (n = 2), the preferred one ranked first
+
+
 @dataclass(frozen=True)
 class SimulationConfig:
-    ratings: int = 2000  # the run ends after this many stored ratings
+    ratings: int = 2000  # the run ends after this many stored ratings (a comparison is one rating)
+    feedback: FeedbackMode = FeedbackMode.thumbs
     users: int = 8  # concurrent users, each one chat then one rating at a time
     population: int = 200  # distinct user ids the concurrent users take turns being
     eval_every: int = 250  # ratings between pinned evaluations of the live version
@@ -62,6 +70,30 @@ class Rating:
     text: str
 
 
+@dataclass
+class Comparison:
+    """One chat for two answers and the user's ranking of them; lists are in choice order."""
+
+    index: int
+    t: float  # seconds since the start of the run
+    time: str
+    user: str
+    prompt_index: int
+    request_id: str
+    completion_ids: list[str]
+    models: list[str]  # the version that produced each answer
+    canary: str | None  # the canary at the time, as /readyz showed it
+    p_ups: list[float]  # each answer's hidden P(up)
+    p_up: float  # their mean: what was served, on the same scale as a thumbs run's answers
+    p_first: float  # P(the first ≻ the second), the Bradley–Terry link
+    preferred: int  # the choice the user ranked first
+    status: int
+    latency_s: float
+    finish_reasons: list[str]
+    completion_tokens: int  # of both answers
+    texts: list[str]
+
+
 class Simulation:
     def __init__(self, client: LiveloopClient, preference: Preference, config: SimulationConfig, *,
                  train_prompts: list[str], eval_prompts: list[str], json_path: Path, png_path: Path | None):
@@ -70,7 +102,7 @@ class Simulation:
         self.eval_prompts = eval_prompts[: config.eval_prompts] if config.eval_prompts else eval_prompts
         self.json_path, self.png_path = json_path, png_path
         self.run_id = uuid.uuid4().hex[:8]
-        self.ratings: list[Rating] = []
+        self.ratings: list[Rating | Comparison] = []  # what the users gave, as config.feedback says
         self.evals: list[dict] = []
         self.events: list[dict] = []  # promotions and canary changes, as /readyz showed them
         self.errors: list[str] = []
@@ -125,19 +157,42 @@ class Simulation:
                     raise RuntimeError(f"{len(self.errors)} failed requests; last: {exc}") from exc
                 await asyncio.sleep(1.0)
 
-    async def _rate_one(self, rng: random.Random) -> Rating:
+    async def _rate_one(self, rng: random.Random) -> Rating | Comparison:
         user = f"sim-{self.run_id}-{rng.randrange(self.config.population):04d}"
         prompt_index = rng.randrange(len(self.train_prompts))
+        if self.config.feedback == FeedbackMode.compare:
+            return await self._compare(rng, user, prompt_index)
+        return await self._thumb(rng, user, prompt_index)
+
+    async def _thumb(self, rng: random.Random, user: str, prompt_index: int) -> Rating:
         sent = time.monotonic()
-        answer = await self.client.chat(self.train_prompts[prompt_index], model=ALIAS, params=self.config.params,
-                                        user=user)
-        latency = time.monotonic() - sent
+        reply = await self.client.chat(self.train_prompts[prompt_index], model=ALIAS, params=self.config.params,
+                                       user=user)
+        latency, answer = time.monotonic() - sent, reply.answers[0]
         p_up = self.preference.p_up(answer.text)
         rating = "up" if rng.random() < p_up else "down"
         await self.client.feedback(answer.completion_id, rating, feedback_id=f"sim-{answer.completion_id}", user=user)
         return Rating(len(self.ratings), round(time.monotonic() - self.started, 3), datetime.now(UTC).isoformat(),
                       user, prompt_index, answer.completion_id, answer.model, round(p_up, 4), rating, 202,
-                      round(latency, 3), answer.finish_reason, answer.completion_tokens, answer.text)
+                      round(latency, 3), answer.finish_reason, reply.completion_tokens, answer.text)
+
+    async def _compare(self, rng: random.Random, user: str, prompt_index: int) -> Comparison:
+        canary = self.routing.canary if self.routing else None
+        sent = time.monotonic()
+        reply = await self.client.chat(self.train_prompts[prompt_index], model=ALIAS, params=self.config.params,
+                                       user=user, n=2)
+        latency, (first, second) = time.monotonic() - sent, reply.answers
+        p_ups = [self.preference.p_up(first.text), self.preference.p_up(second.text)]
+        p_first = p_prefers(*p_ups)
+        preferred = 0 if rng.random() < p_first else 1
+        ranking = [reply.answers[preferred].completion_id, reply.answers[1 - preferred].completion_id]
+        await self.client.rank(ranking, feedback_id=f"sim-{reply.id}", user=user)
+        return Comparison(len(self.ratings), round(time.monotonic() - self.started, 3), datetime.now(UTC).isoformat(),
+                          user, prompt_index, reply.id, [first.completion_id, second.completion_id],
+                          [first.model, second.model], canary, [round(p, 4) for p in p_ups],
+                          round(sum(p_ups) / 2, 4), round(p_first, 4), preferred, 202, round(latency, 3),
+                          [first.finish_reason, second.finish_reason], reply.completion_tokens,
+                          [first.text, second.text])
 
     # --- monitor: routing, progress, evaluations ----------------------------------------------------
 
@@ -175,9 +230,9 @@ class Simulation:
     def _log_progress(self) -> None:
         done, elapsed = len(self.ratings), time.monotonic() - self.users_started
         recent = self.ratings[-self.config.window:]
-        liked = sum(r.rating == "up" for r in recent) / len(recent) if recent else float("nan")
+        liked = sum(r.p_up for r in recent) / len(recent) if recent else float("nan")
         live = self.routing.live if self.routing else None
-        log.info("ratings %d/%d (%.2f/s), liked %.2f over the last %d, live %s, canary %s, %d errors",
+        log.info("ratings %d/%d (%.2f/s), liked (mean P(up)) %.2f over the last %d, live %s, canary %s, %d errors",
                  done, self.config.ratings, done / elapsed if elapsed else 0.0, liked, len(recent),
                  live or self.base_model, self.routing.canary if self.routing else None, len(self.errors))
 
@@ -232,7 +287,8 @@ class Simulation:
             "preference": {"name": self.preference.name, "description": self.preference.description},
             "config": asdict(self.config), "base_model": self.base_model,
             "eval_prompts": len(self.eval_prompts), "train_prompts": len(self.train_prompts),
-            "ratings": [asdict(r) for r in self.ratings], "evals": self.evals, "events": self.events,
+            "ratings": [asdict(r) for r in self.ratings], "canary_comparisons": canary_comparisons(self.ratings),
+            "evals": self.evals, "events": self.events,
             "eval_answers": {model: [asdict(a) for a in e.answers] for model, e in self.by_model.items()},
             "versions": self.versions, "errors": self.errors,
         }
@@ -244,6 +300,20 @@ class Simulation:
             from liveloop.simulate.plot import plot_run
 
             plot_run(record, self.png_path)
+
+
+def canary_comparisons(ratings: list[Rating | Comparison]) -> list[dict]:
+    """Per canary, the comparisons of its answer against another version's (live's) and how many it won: the
+    users' own A/B test of the canary, besides the server's. Thumbs runs have none."""
+    results: dict[str, dict] = {}
+    for c in ratings:
+        if isinstance(c, Comparison) and c.canary in c.models and len(set(c.models)) == 2:
+            result = results.setdefault(c.canary, {"canary": c.canary, "against": {}, "comparisons": 0, "won": 0})
+            result["comparisons"] += 1
+            result["won"] += c.models[c.preferred] == c.canary
+            other = c.models[1 - c.models.index(c.canary)]
+            result["against"][other] = result["against"].get(other, 0) + 1
+    return [r | {"won_share": r["won"] / r["comparisons"]} for r in results.values()]
 
 
 async def newest_version(client: LiveloopClient) -> str | None:

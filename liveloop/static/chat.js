@@ -1,9 +1,13 @@
 // The chat page: a plain client of liveloop's OpenAI-compatible API (no build step, no dependencies).
 // Answers stream from POST /v1/chat/completions; each answer's thumbs go to POST /v1/feedback with its completion id.
+// In comparison mode a question asks for two answers (n = 2), shown side by side without their versions, and
+// "this one is better" sends the pair as a ranking, preferred first.
 
 const KEY_STORAGE = "liveloop.apiKey";
+const COMPARE_STORAGE = "liveloop.compare";
 
 const keyInput = document.querySelector("#api-key");
+const compareToggle = document.querySelector("#compare");
 const conversation = document.querySelector("#conversation");
 const composer = document.querySelector("#composer");
 const prompt = document.querySelector("#prompt");
@@ -14,6 +18,7 @@ const answerTemplate = document.querySelector("#answer-template");
 // The whole conversation is sent with every request: the API is stateless.
 let messages = [];
 let alias = null; // the model name to ask for, learnt from the server with the current key
+const replyOf = new WeakMap(); // a comparison's element -> its answer's entry in `messages`
 
 class APIError extends Error {}
 
@@ -84,59 +89,109 @@ async function* events(response) {
   }
 }
 
-async function streamAnswer(answer) {
-  const text = answer.querySelector(".text");
-  const body = JSON.stringify({ model: await liveAlias(), messages, stream: true });
+// Streams one request's answers into their elements (with n = 2 the chunks of both interleave, each choice
+// naming its index) and returns their texts.
+async function streamAnswers(answers) {
+  const body = JSON.stringify({ model: await liveAlias(), messages, stream: true, n: answers.length });
   const response = await call("/v1/chat/completions", { method: "POST", body });
   for await (const chunk of events(response)) {
     if (chunk.error) throw new APIError(describe(null, chunk)); // an error after the stream began
-    answer.dataset.completionId = chunk.id;
-    answer.querySelector(".model").textContent = `answered by ${chunk.model}`;
-    text.textContent += chunk.choices[0]?.delta?.content ?? "";
+    for (const choice of chunk.choices) {
+      const answer = answers[choice.index];
+      if (choice.completion_id) answer.dataset.completionId = choice.completion_id; // on a choice's first chunk
+      answer.querySelector(".text").textContent += choice.delta?.content ?? "";
+    }
+    // A pair does not say which version wrote which answer: the choice between them stays blind.
+    if (answers.length === 1) answers[0].querySelector(".model").textContent = `answered by ${chunk.model}`;
   }
-  return text.textContent;
+  return answers.map((answer) => answer.querySelector(".text").textContent);
+}
+
+function newAnswer() {
+  const answer = answerTemplate.content.firstElementChild.cloneNode(true);
+  answer.classList.add("streaming");
+  return answer;
+}
+
+function comparisonOf(answers) {
+  const comparison = document.createElement("div");
+  comparison.className = "comparison";
+  comparison.append(...answers);
+  return comparison;
 }
 
 async function send(content) {
   showError("");
   messages.push({ role: "user", content });
   const question = addMessage("user", content);
-  const answer = answerTemplate.content.firstElementChild.cloneNode(true);
-  answer.classList.add("streaming");
-  conversation.append(answer);
-  answer.scrollIntoView({ block: "end" });
+  const answers = Array.from({ length: compareToggle.checked ? 2 : 1 }, newAnswer);
+  const shown = answers.length === 1 ? answers[0] : comparisonOf(answers);
+  conversation.append(shown);
+  shown.scrollIntoView({ block: "end" });
   try {
-    messages.push({ role: "assistant", content: await streamAnswer(answer) });
-    answer.classList.remove("streaming");
-    answer.querySelector(".thumbs").hidden = false;
+    // The conversation goes on from the first answer until the other one is preferred.
+    const reply = { role: "assistant", content: (await streamAnswers(answers))[0] };
+    messages.push(reply);
+    replyOf.set(shown, reply);
+    for (const answer of answers) {
+      answer.classList.remove("streaming");
+      answer.querySelector(answers.length === 1 ? ".thumbs" : ".prefer").hidden = false;
+    }
+    shown.scrollIntoView({ block: "end" }); // it grew while streaming: its buttons come into view
   } catch (error) {
     // The question was not answered: it leaves the conversation and returns to the prompt, to send again.
     messages.pop();
     question.remove();
-    answer.remove();
+    shown.remove();
     prompt.value = content;
     showError(error instanceof APIError ? error.message : `The server could not be reached: ${error.message}`);
   }
 }
 
-// A rating can change: the other thumb later records a new rating that supersedes the first.
-async function rate(answer, button) {
-  const status = answer.querySelector(".status");
-  const thumbs = answer.querySelectorAll(".thumb");
-  thumbs.forEach((thumb) => (thumb.disabled = true));
+// Sends one piece of feedback, its controls disabled meanwhile, and says in `status` whether it was recorded.
+async function record(feedback, controls, status) {
+  controls.forEach((control) => (control.disabled = true));
   try {
-    const body = JSON.stringify({ completion_id: answer.dataset.completionId, rating: button.dataset.rating });
-    await call("/v1/feedback", { method: "POST", body });
-    thumbs.forEach((thumb) => thumb.setAttribute("aria-pressed", String(thumb === button)));
+    await call("/v1/feedback", { method: "POST", body: JSON.stringify(feedback) });
     status.textContent = "Thanks: recorded.";
+    return true;
   } catch (error) {
     status.textContent = `Not recorded: ${error.message}`;
+    return false;
   } finally {
-    thumbs.forEach((thumb) => (thumb.disabled = false));
+    controls.forEach((control) => (control.disabled = false));
   }
 }
 
+function press(buttons, pressed) {
+  buttons.forEach((button) => button.setAttribute("aria-pressed", String(button === pressed)));
+}
+
+// A rating can change: the other thumb later records a new rating that supersedes the first.
+async function rate(answer, button) {
+  const thumbs = answer.querySelectorAll(".thumb");
+  const feedback = { completion_id: answer.dataset.completionId, rating: button.dataset.rating };
+  if (await record(feedback, thumbs, answer.querySelector(".status"))) press(thumbs, button);
+}
+
+// So can a preference: choosing the other answer later records a new ranking that supersedes the first.
+async function prefer(preferred) {
+  const comparison = preferred.closest(".comparison");
+  const answers = [...comparison.querySelectorAll(".message")];
+  const other = answers.find((answer) => answer !== preferred);
+  const buttons = comparison.querySelectorAll(".prefer");
+  answers.forEach((answer) => (answer.querySelector(".status").textContent = ""));
+  const feedback = { ranking: [preferred.dataset.completionId, other.dataset.completionId] };
+  if (!(await record(feedback, buttons, preferred.querySelector(".status")))) return;
+  press(buttons, preferred.querySelector(".prefer"));
+  // Only while nothing was asked after it: a later question was answered with this history.
+  const reply = replyOf.get(comparison);
+  if (messages.at(-1) === reply) reply.content = preferred.querySelector(".text").textContent;
+}
+
 keyInput.value = localStorage.getItem(KEY_STORAGE) ?? "";
+compareToggle.checked = localStorage.getItem(COMPARE_STORAGE) === "on";
+compareToggle.addEventListener("change", () => localStorage.setItem(COMPARE_STORAGE, compareToggle.checked ? "on" : "off"));
 keyInput.addEventListener("change", () => {
   localStorage.setItem(KEY_STORAGE, keyInput.value.trim());
   alias = null;
@@ -167,6 +222,8 @@ prompt.addEventListener("keydown", (event) => {
 });
 
 conversation.addEventListener("click", (event) => {
-  const button = event.target.closest(".thumb");
-  if (button && button.getAttribute("aria-pressed") !== "true") rate(button.closest(".message"), button);
+  const button = event.target.closest(".thumb, .prefer");
+  if (!button || button.getAttribute("aria-pressed") === "true") return;
+  if (button.classList.contains("thumb")) rate(button.closest(".message"), button);
+  else prefer(button.closest(".message"));
 });

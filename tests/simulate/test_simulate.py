@@ -2,7 +2,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import time
 
+import httpx
 import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
@@ -14,14 +17,16 @@ from liveloop.registry import Registry
 from liveloop.simulate.client import LiveloopClient, SamplingParams
 from liveloop.simulate.evaluate import evaluate, mean_and_stderr
 from liveloop.simulate.plot import windows
-from liveloop.simulate.preferences import P_MET, P_MISS, PREFERENCES
+from liveloop.simulate.preferences import P_MET, P_MISS, PREFERENCES, p_prefers
 from liveloop.simulate.prompts import eval_prompts, train_prompts
-from liveloop.simulate.run import Simulation, SimulationConfig
+from liveloop.simulate.run import FeedbackMode, Simulation, SimulationConfig
+from liveloop.tables import Comparison as ComparisonRow
 from liveloop.tables import Completion, Feedback
 from tests.serving.conftest import running_server
 
 ADMIN, USER_KEYS = "admin-secret-of-32-characters-ok", ["key-a", "key-b", "key-c"]
 HALF = (P_MET + P_MISS) / 2
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
 # --- tastes ---------------------------------------------------------------------------------------
@@ -57,6 +62,26 @@ def test_tastes_that_learn_something_depend_on_the_text():
             assert preference.p_up("x") != preference.p_up("Here are 3 fun things!\n- one!\n- two!"), name
 
 
+@pytest.mark.parametrize(("p_a", "p_b", "p_a_preferred"), [
+    (P_MET, P_MISS, 0.81 / 0.82),  # odds 9 against odds 1/9: 81 to 1
+    (HALF, P_MISS, 0.9),
+    (P_MET, HALF, 0.9),
+    (HALF, HALF, 0.5),
+    (P_MISS, P_MET, 0.01 / 0.82),
+])
+def test_bradley_terry_link_prefers_by_the_odds_of_a_thumbs_up(p_a, p_b, p_a_preferred):
+    # σ(logit a − logit b) is the ratio of the two odds over one plus it: a(1 − b) / (a(1 − b) + b(1 − a))
+    assert p_prefers(p_a, p_b) == pytest.approx(p_a_preferred)
+    assert p_prefers(p_a, p_b) == pytest.approx(p_a * (1 - p_b) / (p_a * (1 - p_b) + p_b * (1 - p_a)))
+    assert p_prefers(p_a, p_b) + p_prefers(p_b, p_a) == pytest.approx(1)
+
+
+def test_bradley_terry_link_on_the_logit_scale():
+    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
+    for p_a, p_b in [(0.2, 0.7), (0.35, 0.3), (0.9, 0.6)]:
+        assert p_prefers(p_a, p_b) == pytest.approx(1 / (1 + math.exp(-(logit(p_a) - logit(p_b)))))
+
+
 def test_mean_and_stderr_against_the_formula():
     mean, stderr = mean_and_stderr([0.1, 0.9, 0.9, 0.1])
     assert mean == pytest.approx(0.5) and stderr == pytest.approx((4 * 0.4**2 / 3 / 4) ** 0.5)
@@ -85,8 +110,8 @@ def server(make_settings, tiny_model_dir):
     engine.dispose()
 
 
-def _simulation(url, tmp_path, preference="numbers", **config) -> tuple[Simulation, LiveloopClient]:
-    client = LiveloopClient(url, api_keys=USER_KEYS, admin_token=ADMIN, timeout_s=60)
+def _simulation(url, tmp_path, preference="numbers", api_keys=USER_KEYS, **config) -> tuple[Simulation, LiveloopClient]:
+    client = LiveloopClient(url, api_keys=api_keys, admin_token=ADMIN, timeout_s=60)
     config = SimulationConfig(**{"ratings": 24, "users": 4, "population": 10, "eval_every": 8, "eval_prompts": 6,
                                  "window": 8, "params": SamplingParams(max_tokens=8), "poll_every_s": 0.05,
                                  "log_every_s": 0.5} | config)
@@ -130,7 +155,7 @@ def test_a_short_run_stores_every_rating_with_its_version_and_writes_json_and_pn
     assert base["liked_share"] == pytest.approx(sum(a["p_up"] for a in answers) / 6)
 
     assert json.loads((tmp_path / "run.json").read_text())["ratings"] == ratings
-    assert (tmp_path / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "run.png").read_bytes()[:8] == PNG
 
 
 def test_a_run_sees_a_promotion_and_evaluates_the_new_live_version_pinned(server, tmp_path, make_adapter_dir):
@@ -161,6 +186,70 @@ def test_a_run_sees_a_promotion_and_evaluates_the_new_live_version_pinned(server
     assert {e["liked_share"] for e in record["evals"]} == {0.5}  # the random rater, whatever the answers
 
 
+def _run(simulation: Simulation, client: LiveloopClient) -> dict:
+    async def run():
+        async with client:
+            return await simulation.run()
+
+    return asyncio.run(run())
+
+
+def _ranking(comparison: dict) -> list[str]:
+    preferred, ids = comparison["preferred"], comparison["completion_ids"]
+    return [ids[preferred], ids[1 - preferred]]
+
+
+def test_a_compare_run_ranks_the_two_answers_of_each_request_by_taste(server, tmp_path):
+    url, _, engine = server
+    simulation, client = _simulation(url, tmp_path, feedback=FeedbackMode.compare, ratings=12)
+
+    record = _run(simulation, client)
+
+    comparisons, taste = record["ratings"], PREFERENCES["numbers"]
+    assert len(comparisons) == 12 and record["config"]["feedback"] == "compare"
+    for c in comparisons:
+        assert c["models"] == [record["base_model"]] * 2 and c["canary"] is None
+        assert c["p_ups"] == [round(taste.p_up(text), 4) for text in c["texts"]]
+        assert c["p_up"] == pytest.approx(sum(c["p_ups"]) / 2, abs=1e-4)  # the curve's scale: both answers
+        assert c["p_first"] == pytest.approx(p_prefers(*c["p_ups"]), abs=1e-4) and c["preferred"] in (0, 1)
+    with engine.connect() as connection:
+        stored = {row.request_id: row.ranking for row in connection.execute(sa.select(ComparisonRow))}
+        request_of = dict(connection.execute(sa.select(Completion.id, Completion.request_id)).all())
+    assert stored == {c["request_id"]: _ranking(c) for c in comparisons}
+    assert all(request_of[i] == c["request_id"] for c in comparisons for i in c["completion_ids"])
+    assert record["canary_comparisons"] == []  # no canary: both answers came from the live version
+    assert (tmp_path / "run.png").read_bytes()[:8] == PNG
+
+
+def test_a_compare_run_pits_the_canary_against_live_for_users_in_its_slice(make_settings, tiny_model_dir,
+                                                                          make_adapter_dir, tmp_path):
+    settings = make_settings(base_model=tiny_model_dir, adapter_poll_s=0.2, canary_fraction=0.5)
+    engine = make_engine(settings.resolved_database_url)
+    registry = Registry(make_sessionmaker(engine), open_artifact_store(settings))
+    with running_server(settings) as url:  # open API: the `user` field picks the slice
+        for name in ("v1", "v2"):
+            registry.register(name, make_adapter_dir(name, scale=0.05))
+            registry.judge(name, report={"passed": True, "gates": []}, failed=[])
+        registry.promote("v1", actor="test", reason="live")
+        registry.start_canary("v2", actor="test", reason="canary")
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/readyz").json()["canary_version"] != "v2":
+            assert time.monotonic() < deadline, "the replica never routed the canary"
+            time.sleep(0.1)
+        simulation, client = _simulation(url, tmp_path, api_keys=(), feedback=FeedbackMode.compare, ratings=16,
+                                         population=20)
+        record = _run(simulation, client)
+    engine.dispose()
+
+    mixed = [c for c in record["ratings"] if set(c["models"]) == {"v1", "v2"}]
+    assert mixed and all(c["canary"] == "v2" for c in record["ratings"])
+    assert all(c["models"] == ["v1", "v1"] for c in record["ratings"] if c not in mixed)
+    [result] = record["canary_comparisons"]
+    won = sum(c["models"][c["preferred"]] == "v2" for c in mixed)
+    assert result == {"canary": "v2", "against": {"v1": len(mixed)}, "comparisons": len(mixed), "won": won,
+                      "won_share": won / len(mixed)}
+
+
 def test_evaluation_pins_the_model_it_names(server):
     url, registry, _ = server
 
@@ -177,15 +266,14 @@ def test_evaluation_pins_the_model_it_names(server):
 
 
 
-def test_curve_windows_share_and_expected_p_up():
-    ratings = [{"rating": r, "p_up": p} for r, p in [("up", 0.9), ("down", 0.1), ("up", 0.9), ("up", 0.5),
-                                                     ("down", 0.1)]]
-    assert windows(ratings, 2) == ([1.0, 3.0], [0.5, 1.0], [pytest.approx(0.5), pytest.approx(0.7)])
+def test_curve_windows_are_means_over_whole_windows():
+    assert windows([0.9, 0.1, 0.9, 0.5, 0.1], 2) == ([1.0, 3.0], [pytest.approx(0.5), pytest.approx(0.7)])
 
 
 def test_cli_lists_the_preferences_and_refuses_an_unknown_one():
     runner = CliRunner()
     shown = runner.invoke(app, ["simulate", "--help"], terminal_width=200)
     assert shown.exit_code == 0 and all(name in shown.output for name in PREFERENCES)
+    assert "--feedback" in shown.output and "compare" in shown.output
     refused = runner.invoke(app, ["simulate", "--preference", "sarcasm", "--url", "http://127.0.0.1:9"])
     assert refused.exit_code == 2 and "unknown preference" in refused.output
