@@ -32,8 +32,9 @@ class FeedbackCreate(BaseModel):
 
     @model_validator(mode="after")
     def _a_rating_or_a_ranking(self) -> FeedbackCreate:
-        rating = self.completion_id is not None and self.rating is not None
-        if rating == (self.ranking is not None) or (self.completion_id is None) != (self.rating is None):
+        as_rating = self.completion_id is not None and self.rating is not None and self.ranking is None
+        as_ranking = self.ranking is not None and self.completion_id is None and self.rating is None
+        if not (as_rating or as_ranking):
             raise ValueError("send either completion_id and rating, or ranking")
         return self
 
