@@ -93,15 +93,16 @@ class AdapterSet:
         return self._resolve(self._routing, model, identity)
 
     def resolve_choices(self, model: str, identity: str | None, n: int, coin: random.Random) -> list[Resolved]:
-        """What serves each of ``n`` choices. Two choices of the alias for a user of the canary slice are the
-        live version and the canary, in the order ``coin`` draws, so that the comparison pits them against each
-        other; otherwise every choice is served by what ``resolve`` picks."""
+        """What serves each of ``n`` choices. While a canary runs, the two choices of an alias request are the
+        live version and the canary, in the order ``coin`` draws, whoever asks: every comparison is then a paired
+        vote between them, which halves the ratings a canary decision needs (bench/canary.py; pairing only the
+        canary's slice of users needed as many as thumbs), and a user sees the canary only beside a live answer.
+        Otherwise every choice is served by what ``resolve`` picks."""
         routing = self._routing  # one read: the whole resolution sees one routing
         resolved = self._resolve(routing, model, identity)
-        in_slice = model == self.alias and routing.canary is not None and resolved.adapter == routing.canary
-        if n != 2 or not in_slice:
+        if n != 2 or model != self.alias or routing.canary is None:
             return [resolved] * n
-        pair = [Resolved(routing.live, routing.live or self.base_model_id), resolved]
+        pair = [Resolved(routing.live, routing.live or self.base_model_id), Resolved(routing.canary, routing.canary)]
         coin.shuffle(pair)
         return pair
 

@@ -1,6 +1,6 @@
 """Two answers to compare (n = 2) over real HTTP, through the official openai client: each choice a completion of
-its own, streamed interleaved, counted twice against the queue; the live version and the canary side by side for
-users of the canary slice."""
+its own, streamed interleaved, counted twice against the queue; the live version and the canary side by side in
+every comparison while a canary runs."""
 
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ def test_the_openapi_schema_documents_n_the_choice_extras_and_the_ranking(serve)
     assert "ranking" in schemas["FeedbackCreate"]["properties"]
 
 
-def test_canary_users_compare_the_live_version_with_the_canary(serve, make_settings, make_adapter_dir):
+def test_while_a_canary_runs_every_comparison_pits_the_live_version_against_it(serve, make_settings, make_adapter_dir):
     inside, outside = names(True, 1)[0], names(False, 1)[0]
     overrides = {"canary_fraction": 0.5, "adapter_poll_s": 0.1}
     settings = make_settings(**overrides)
@@ -140,10 +140,16 @@ def test_canary_users_compare_the_live_version_with_the_canary(serve, make_setti
         while "cand" not in models(inside):  # both loaded and routed
             assert time.monotonic() < deadline, "the replica never routed the canary"
             time.sleep(0.1)
-        paired, unpaired, pinned = models(inside), models(outside), models(inside, model="cand")
+        paired, outside_slice, pinned = models(inside), models(outside), models(inside, model="cand")
+        registry.reject("cand", actor="test", reason="x")
+        deadline = time.monotonic() + 60
+        while "cand" in models(inside):  # the canary has ended
+            assert time.monotonic() < deadline, "the replica never dropped the canary"
+            time.sleep(0.1)
+        after = models(inside)
     engine.dispose()
-    assert sorted(paired) == ["cand", "live"]
-    assert unpaired == ["live", "live"] and pinned == ["cand", "cand"]
+    assert sorted(paired) == sorted(outside_slice) == ["cand", "live"]  # every user's comparison is a vote
+    assert pinned == ["cand", "cand"] and after == ["live", "live"]
 
 
 def test_the_pair_comes_in_either_order_by_the_coin():
@@ -154,5 +160,6 @@ def test_the_pair_comes_in_either_order_by_the_coin():
     orders = {tuple(r.served_name for r in adapters.resolve_choices("liveloop", "someone", 2, random.Random(seed)))
               for seed in range(16)}
     assert orders == {("live", "cand"), ("cand", "live")}
-    assert [r.served_name for r in adapters.resolve_choices("liveloop", None, 2, random.Random(0))] == ["live"] * 2
+    assert sorted(r.served_name for r in adapters.resolve_choices("liveloop", None, 2, random.Random(0))) == [
+        "cand", "live"]  # anonymous users compare too
     assert [r.served_name for r in adapters.resolve_choices("liveloop", "someone", 1, random.Random(0))] == ["cand"]
