@@ -19,6 +19,7 @@ from feedback.events import ComparedCompletion, ComparisonEvent, FeedbackEvent
 from feedback.kafka import Message, Publisher, ensure_topics
 from feedback.ledger import Ledger, subject
 from feedback.relay import Relay
+from feedback.service import ComparisonRequest, FeedbackConfig, record_batch
 from liveloop.adapter_artifacts import read_adapter
 from liveloop.artifacts import LocalArtifactStore
 from liveloop.db import make_engine, make_sessionmaker, migrate
@@ -130,6 +131,30 @@ def _served_completions(settings, sessions, count: int, seed: int = 0) -> list[s
 def _rate(settings, sessions, completion_ids: list[str], rating: str = "up", relay: bool = True) -> list[str]:
     """Rate through the feedback service (feedback and outbox rows) and relay to the broker; the event ids."""
     recorded = rate_each(sessions, settings, completion_ids, rating=rating)
+    if relay:
+        _relay(settings, sessions)
+    with sessions() as session:
+        return list(session.scalars(select(OutboxMessage.event_id).where(
+            OutboxMessage.payload["feedback_id"].as_string().in_([r.id for r in recorded]))))
+
+
+def _compared_pairs(settings, sessions, count: int) -> list[tuple[str, str]]:
+    """``count`` chat requests answered twice (n = 2) by the base model, stored as serving stores them; the ids of
+    each request's two choices."""
+    pairs = list(zip(*(_served_completions(settings, sessions, count, seed) for seed in (1, 2)), strict=True))
+    with sessions.begin() as session:
+        for pair in pairs:
+            request_id = f"chatcmpl-{uuid.uuid4().hex}"
+            for index, completion_id in enumerate(pair):
+                completion = session.get(Completion, completion_id)
+                completion.request_id, completion.choice_index = request_id, index
+    return pairs
+
+
+def _compare(settings, sessions, rankings: list[tuple[str, ...]], relay: bool = True) -> list[str]:
+    """Rank through the feedback service (comparison and outbox rows) and relay to the broker; the event ids."""
+    recorded = record_batch(sessions, [ComparisonRequest(ranking) for ranking in rankings],
+                            config=FeedbackConfig.from_settings(settings))
     if relay:
         _relay(settings, sessions)
     with sessions() as session:
@@ -371,6 +396,25 @@ def test_only_the_latest_ranking_of_a_request_is_trained_across_batches(trainer_
     assert outcomes[stale.event_id] == outcomes[replaced.event_id] == ("superseded", None)
     assert len(registry.get(second.name).consumed_event_ids) == 2 + sum(
         not is_heldout(e.completion_id, settings.gate_holdout_fraction, split=GATES_SPLIT) for e in later)
+
+
+def test_a_ranking_the_feedback_service_stored_again_is_trained_instead_of_the_older(trainer_settings):
+    """Through the real service and relay: a comparison re-ranked in the database before the trainer reads its first
+    ranking is never trained on that first ranking."""
+    settings = trainer_settings(train_batch_min=1)
+    trainer, registry = _trainer(settings)
+    sessions = trainer.sessions
+    pairs = _compared_pairs(settings, sessions, 4)
+    first_ids = _compare(settings, sessions, pairs[:3])
+    [stale] = _compare(settings, sessions, [pairs[3]])  # relayed ...
+    [latest] = _compare(settings, sessions, [pairs[3][::-1]], relay=False)  # ... and re-ranked before training
+    first = trainer.consume(trainer.gather())
+    assert sorted(registry.get(first.name).consumed_event_ids) == sorted(first_ids)
+    assert _outcomes(sessions)[stale] == ("superseded", None)
+    _relay(settings, sessions)
+    second = trainer.consume(trainer.gather())
+    trainer.consumer.close()
+    assert list(registry.get(second.name).consumed_event_ids) == [latest]
 
 
 def test_reward_model_mode_learns_from_comparisons_and_reports_its_accuracy_on_them(trainer_settings):
