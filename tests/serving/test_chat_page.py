@@ -199,5 +199,5 @@ def test_comparison_mode_shows_two_answers_blind_and_ranks_them_in_chromium(serv
         {"role": "user", "content": "Say it in one sentence."},
     ]
     assert shot.stat().st_size > 10_000
-    if os.environ.get("LIVELOOP_UPDATE_SCREENSHOT"):  # the README's picture; answers are sampled, so on request
+    if os.environ.get("UPDATE_SCREENSHOT"):  # the README's picture; answers are sampled, so on request
         shutil.copyfile(shot, SCREENSHOT)
