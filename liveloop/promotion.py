@@ -256,7 +256,8 @@ class Promoter:
         if self.settings.promotion_policy != "auto" or routing.canary is None:
             return True
         limit = self.settings.canary_supersede_ratings
-        return bool(limit) and self._collected(self.registry.get(routing.canary), routing.live, now or utcnow()) >= limit
+        canary = self.registry.get(routing.canary)
+        return bool(limit) and self._collected(canary, routing.live, now or utcnow()) >= limit
 
     def _collected(self, canary: AdapterVersion, live: str | None, now: datetime) -> int:
         """Ratings of both sides since the canary started (every user's, through the alias), and comparisons of
