@@ -226,7 +226,7 @@ class Promoter:
         counts = self.deciding_thumbs(sides, since=since, until=now)
         new, live = counts.get(canary.name, Thumbs()), counts.get(routing.live, Thumbs())
         votes = self.deciding_votes(canary.name, routing.live, since=since, until=now)
-        collected = self._collected(canary, routing.live, now)
+        collected = self._collected(canary, routing.live, now, votes)
         rule = CanaryRule.from_settings(self.settings)
         outcome = Outcome(canary_outcome(new.up, new.n, live.up, live.n, rule, collected, wins=votes.won,
                                          votes=votes.n).item())
@@ -256,16 +256,17 @@ class Promoter:
         if self.settings.promotion_policy != "auto" or routing.canary is None:
             return True
         limit = self.settings.canary_supersede_ratings
-        canary = self.registry.get(routing.canary)
-        return bool(limit) and self._collected(canary, routing.live, now or utcnow()) >= limit
+        if not limit:
+            return False
+        canary, now = self.registry.get(routing.canary), now or utcnow()
+        votes = self.deciding_votes(canary.name, routing.live, since=canary.state_changed_at, until=now)
+        return self._collected(canary, routing.live, now, votes) >= limit
 
-    def _collected(self, canary: AdapterVersion, live: str | None, now: datetime) -> int:
-        """Ratings of both sides since the canary started (every user's, through the alias), and comparisons of
-        the two."""
-        since = canary.state_changed_at
-        thumbs = self.registry.thumbs([canary.name, live], since=since, until=now,
+    def _collected(self, canary: AdapterVersion, live: str | None, now: datetime, votes: Votes) -> int:
+        """Ratings of both sides since the canary started (every user's, through the alias), and ``votes``'
+        comparisons of the two."""
+        thumbs = self.registry.thumbs([canary.name, live], since=canary.state_changed_at, until=now,
                                       requested_model=self.settings.model_alias)
-        votes = self.deciding_votes(canary.name, live, since=since, until=now)
         return votes.compared + sum(t.n for t in thumbs.values())
 
     def _supersede(self, canary: AdapterVersion, collected: int) -> None:
