@@ -11,8 +11,8 @@ of clients (each sends its next request when its last one finished), ``rounds`` 
       template and the database; with no adapter, and with a live (random r16) adapter on every request;
   (c) ``liveloop serve`` over HTTP (streaming, the live alias) in a subprocess, as production runs it: with no
       live version, and with the same adapter registered and promoted live;
-  (d) the bounds: one bare batched decode step (forward only) for max(concurrency) rows, without and with the
-      adapter, as tokens/s.
+  (d) the bounds: one bare batched decode step (forward only) for max(concurrency) rows, without the adapter and
+      with it, unmerged and merged into the weights (as serving runs its live version), as tokens/s.
 
 Each row prints tokens/s, p50/p95 request latency, p50 time to first token and ``× peer``, its ratio to (a) at the
 same concurrency and dtype; then each HTTP row at the largest concurrency against the bounds. Timings on a shared
@@ -76,9 +76,12 @@ def bounds(base: LoadedModel, prompts: list[list[int]], adapter_dir: Path) -> di
     found = {f"decode-step bound, {rows} rows": rows / decode_step_seconds(base.model, prompts)}
     engine.load_adapter(ADAPTER, adapter_dir)
     engine.step()  # runs the load
-    slots = [engine.adapter_slot(ADAPTER)] * rows
-    found[f"decode-step bound, {rows} rows, adapter"] = rows / decode_step_seconds(engine.model, prompts,
-                                                                                  adapter_names=slots)
+    for merged in (False, True):  # serving merges the live version (Settings.merge_live_adapter)
+        engine.merge_adapter(ADAPTER if merged else None)
+        engine.step()
+        slots = [engine.adapter_slot(ADAPTER)] * rows
+        found[f"decode-step bound, {rows} rows, adapter {'merged' if merged else 'unmerged'}"] = (
+            rows / decode_step_seconds(engine.model, prompts, adapter_names=slots))
     return found
 
 
@@ -156,6 +159,7 @@ def serve_engine(args: argparse.Namespace) -> None:
     engine = Engine(base, max_batch_size=concurrency, max_queue=4 * concurrency)
     if args.adapter_dir:
         engine.load_adapter(ADAPTER, args.adapter_dir)
+        engine.merge_adapter(ADAPTER)  # as serving does with its live version
         engine.step()
     engine.start()
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
@@ -237,7 +241,7 @@ def report(dtype: str, runs: list[Run], found: dict[str, float], concurrencies: 
         print(f"{name:44} {'':5} {'':7} {tokens_per_second:8.1f}")
     widest = max(concurrencies)
     for label, bound in (("no adapter", f"decode-step bound, {widest} rows"),
-                         ("live adapter", f"decode-step bound, {widest} rows, adapter")):
+                         ("live adapter", f"decode-step bound, {widest} rows, adapter merged")):
         run = next(r for r in runs if r.name == f"HTTP, {label}, {widest} concurrent")
         print(f"{run.name} / {bound}: {run.tokens_per_second / found[bound]:.2f}")
 

@@ -125,6 +125,10 @@ class Settings(BaseSettings):
     tokenize_threads: int = Field(
         2, ge=1, description="Threads that apply the chat template and tokenise prompts, off the event loop."
     )
+    merge_live_adapter: bool = Field(
+        True, description="Merge the live version's LoRA into the base weights, so most rows decode with no adapter "
+        "cost (other versions' rows run their difference to it). Costs a copy of the adapted weights in memory.",
+    )
 
     # --- feedback ------------------------------------------------------------------------------------
     kafka_bootstrap: str = Field(

@@ -62,10 +62,17 @@ class AdapterTable:
         with self._lock:
             return name is None or name in self._loaded
 
+    @property
+    def forward_names(self) -> dict[str | None, str]:
+        """A row's slot (None: the base) → the adapter its forward runs under, where that differs (a merged
+        version); changed only on the engine thread, between forward passes."""
+        return self._slots.forward_names
+
     def slot(self, name: str | None) -> str | None:
-        """The peft adapter that holds the loaded version ``name`` (None: the base model)."""
+        """The peft adapter a forward runs the loaded version ``name`` (None: the base model) under."""
         with self._lock:
-            return None if name is None else self._slot_of[name].name
+            slot = None if name is None else self._slot_of[name].name
+            return self._slots.forward_names.get(slot, slot)
 
     def require_servable(self, name: str | None) -> None:
         with self._lock:
@@ -125,7 +132,7 @@ class AdapterTable:
         try:
             slot = slot or self._slots.take(config) or self._slots.create(config)
             try:
-                slot.fill(adapter.tensors)
+                self._slots.fill(slot, adapter.tensors)
             except BaseException:
                 self._slots.release(slot)
                 raise
@@ -139,6 +146,15 @@ class AdapterTable:
             with self._lock:
                 self._loading.pop(name, None)
         log.info("adapter %s loaded into %s", name, slot.name)
+
+    # --- merging -------------------------------------------------------------------------------------------------
+
+    def merge(self, name: str | None) -> None:
+        """Merge the loaded version ``name`` into the base weights, or none (engine thread; ``serving.slots``)."""
+        with self._lock:
+            slot = self._slot_of.get(name) if name in self._loaded and name not in self._unloading else None
+        self._slots.merge(slot)
+        log.info("serving %s from merged weights", name if slot is not None else "no version")
 
     # --- unloading -----------------------------------------------------------------------------------------------
 
@@ -158,6 +174,8 @@ class AdapterTable:
         """Free the slots of unloaded versions no request uses (engine thread, between forward passes)."""
         with self._lock:
             unused = [name for name in self._unloading if self._pins[name] == 0]
+            if any(self._slot_of[name] is self._slots.merged for name in unused):
+                self._slots.merge(None)
             for name in unused:
                 self._slots.release(self._slot_of.pop(name))
                 self._loaded.discard(name)

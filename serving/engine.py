@@ -10,9 +10,10 @@ other threads to this one, and ``serving.request_stream`` carries tokens back. E
   3. runs the decode step: the admitted requests are prefilled into the batch with their first token, then every
      running row decodes one token, streamed at once, and finished rows leave.
 
-Rows of one batch may use different adapters: peft's ``adapter_names`` applies each row's own (unmerged) LoRA
-weights, and ``"__base__"`` means none. Unmerged LoRA costs decode speed on CPU (see bench/serving.py), but merging
-would make the base model, the reference for the KL penalty, unavailable to other rows.
+Rows of one batch may use different adapters: peft's ``adapter_names`` applies each row's own LoRA weights, and
+``"__base__"`` means none. Unmerged LoRA costs decode speed on CPU (see bench/serving.py), so one version, the
+live one (``merge_adapter``), may be merged into the base weights: its rows run with no adapter, and every other
+row's adapter holds its difference to the merged one (``serving.slots``), so the base stays servable too.
 
 Tokens are sampled only through ``liveloop.sampling``, one uniform per row per token from the request's own
 ``torch.Generator`` (seeded by ``params.seed`` when given), and the log-prob recorded is the chosen token's under
@@ -58,8 +59,8 @@ class StepStats:
 
 class Engine:
     """Continuous-batching generation over ``base``; see the module docstring. Thread-safe entry points:
-    ``submit``, ``load_adapter``, ``unload_adapter``, ``loaded_adapters``, ``adapter_slot``, ``spot_check``,
-    ``shutdown``.
+    ``submit``, ``load_adapter``, ``merge_adapter``, ``unload_adapter``, ``loaded_adapters``, ``adapter_slot``,
+    ``spot_check``, ``shutdown``.
     ``step`` runs on the engine's own thread after ``start()``, or is called directly (benchmarks, tests)."""
 
     def __init__(self, base: LoadedModel, *, max_batch_size: int, max_queue: int, max_prefill_tokens: int = 4096):
@@ -73,7 +74,8 @@ class Engine:
         self._adapters = AdapterTable(base.model, base_model_id=base.model_id, lock=self._lock, tasks=self._tasks)
         self._scheduler = Scheduler(max_batch_size=max_batch_size, max_queue=max_queue,
                                     max_prefill_tokens=max_prefill_tokens, lock=self._lock)
-        self._runner = ModelRunner(eos_token_ids=base.eos_token_ids, context_length=base.context_length)  # this thread
+        self._runner = ModelRunner(eos_token_ids=base.eos_token_ids, context_length=base.context_length,
+                                   forward_names=self._adapters.forward_names)  # this thread
         self._stopped = False
         self._thread: threading.Thread | None = None
 
@@ -217,12 +219,17 @@ class Engine:
         """Stop accepting requests for ``name`` now; free it once no queued or running request uses it."""
         self._adapters.unload(name)
 
+    def merge_adapter(self, name: str | None) -> Future:
+        """Merge the loaded version ``name`` into the base weights (None: unmerge), between decode steps; its rows
+        then run with no adapter cost. Requests in flight go on with the weights they started with."""
+        return self._tasks.submit(lambda: self._adapters.merge(name))
+
     def loaded_adapters(self) -> list[str]:
         return self._adapters.servable()
 
     def adapter_slot(self, name: str | None) -> str | None:
-        """The peft adapter of ``model`` that holds the loaded version ``name`` (None: the base model), for a
-        forward pass with ``adapter_names``."""
+        """The peft adapter of ``model`` a forward pass runs the loaded version ``name`` (None: the base model)
+        under, with ``adapter_names``."""
         return self._adapters.slot(name)
 
     def spot_check(self, request: GenerationRequest, result: GenerationResult) -> Future:

@@ -62,6 +62,8 @@ class AdapterWatcher:
         canary = routing.canary if routing.canary is not None and ready[routing.canary] else None
         if (live, canary) != (self.adapters.live, self.adapters.canary):
             self.adapters.switch(live=live, canary=canary)
+            if self.settings.merge_live_adapter:  # between decode steps, after the switch: no request waits on it
+                self.engine.merge_adapter(live)
             SWAPS.inc()
             log.info("serving %s (canary %s) at registry revision %d", live or "the base model", canary,
                      routing.revision)

@@ -12,14 +12,15 @@ prefill's newcomers, or the whole running batch, whose cache is then in an unkno
 Rows of one batch may use different adapters: with ``adapter_per_row`` and a peft model, each forward passes
 peft's ``adapter_names`` (``Sequence.adapter``; None is the base with adapters off, ``BASE_ADAPTER``), which needs
 the model in eval mode. Without it the model runs as it is: its active adapter, or none inside
-``disable_adapter()``.
+``disable_adapter()``. ``forward_names`` maps a row's adapter to the one its forward runs under where they differ
+(serving's merged version: ``serving.slots``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -43,10 +44,12 @@ class StepOutcome:
 class ModelRunner:
     """The running batch of one model and the step that advances it; not thread-safe (one thread steps it)."""
 
-    def __init__(self, *, eos_token_ids: Collection[int], context_length: int, adapter_per_row: bool = True):
+    def __init__(self, *, eos_token_ids: Collection[int], context_length: int, adapter_per_row: bool = True,
+                 forward_names: Mapping[str | None, str] | None = None):
         self.eos_token_ids = frozenset(eos_token_ids)
         self.context_length = context_length
         self.adapter_per_row = adapter_per_row
+        self.forward_names = forward_names if forward_names is not None else {}
         self.running: list[Sequence] = []
         self.batch: DecodeBatch | None = None
 
@@ -100,7 +103,8 @@ class ModelRunner:
     def _forward_kwargs(self, model: torch.nn.Module, sequences: list[Sequence]) -> dict:
         if not self.adapter_per_row or not isinstance(model, PeftModel):
             return {}
-        return {"adapter_names": [s.adapter or BASE_ADAPTER for s in sequences]}
+        names = self.forward_names
+        return {"adapter_names": [names.get(s.adapter, s.adapter or BASE_ADAPTER) for s in sequences]}
 
     def _sample(self, sequences: list[Sequence], logits: torch.Tensor) -> None:
         """Sample one token per row of logits (N, V) and hand it to its sequence."""

@@ -365,9 +365,84 @@ def test_a_version_of_another_lora_config_gets_slots_of_its_own_and_free_old_one
     save_adapter(model, "policy", tmp_path / "r8", base_model_id=tiny_model_dir.name)
     load(engine, "r8", tmp_path / "r8")
     engine.step()  # a spare r8 slot
-    assert sorted(config.r for config in engine.model.peft_config.values()) == [4, 8, 8]  # r4's spare is gone
+    # a slot has twice its versions' rank (serving.slots: room for the merged version's difference); r4's spare went
+    assert sorted(config.r for config in engine.model.peft_config.values()) == [8, 16, 16]
     for adapter in ("r4", "r8"):
         assert alone(engine, request(tiny_base, "Hello", adapter, max_tokens=4)).adapter == adapter
+
+
+# --- the merged live version ---------------------------------------------------------------------------------------
+
+def test_a_merged_version_runs_without_an_adapter_and_every_row_gets_what_it_got_unmerged(make_engine, tiny_base,
+                                                                                          make_adapter_dir):
+    engine = make_engine()
+    load(engine, "live", make_adapter_dir("live", scale=0.5, seed=1))
+    load(engine, "canary", make_adapter_dir("canary", scale=0.5, seed=2))
+    # greedy: merged weights round differently (log-probs move by ~1e-6), which can flip a sampled token of this
+    # random tiny model, whose next-token distributions are nearly flat
+    requests = [request(tiny_base, content, adapter, temperature=0.0, max_tokens=12)
+                for (content, _), adapter in zip(MIXED, ["live", "canary", None, "live"], strict=True)]
+    unmerged = run(engine, [engine.submit(r) for r in requests])
+    engine.merge_adapter("live")
+    engine.step()
+    assert engine.adapter_slot("live") == "__base__"  # its rows pay no adapter cost
+    assert engine.adapter_slot(None) not in (None, "__base__")  # the base's rows take the merged version off
+    merged = run(engine, [engine.submit(r) for r in requests])
+    for got, want in zip(merged, unmerged, strict=True):
+        assert_same_generation(got, want)
+    assert len({tuple(r.token_ids) for r in merged[:3]}) == 3
+
+
+def test_merging_another_version_or_none_leaves_no_trace_of_the_last_in_the_weights(make_engine, tiny_base,
+                                                                                    make_adapter_dir):
+    engine = make_engine()
+    base_request = request(tiny_base, "Who are you?", temperature=1.0, max_tokens=10, seed=3)
+    before = alone(engine, base_request)
+    weights = [(param, param.detach().clone()) for param in tiny_base.model.parameters()]  # peft keeps the objects
+    for name, seed in (("a", 1), ("b", 2)):
+        load(engine, name, make_adapter_dir(name, scale=0.5, seed=seed))
+    for name in ("a", "b", None):
+        engine.merge_adapter(name)
+        engine.step()
+        assert alone(engine, base_request).token_ids == before.token_ids
+    assert engine.adapter_slot(None) is None
+    assert all(torch.equal(param, before) for param, before in weights)  # W₀ exactly, not W₀ + ΔA − ΔA + ΔB − ΔB
+    assert_same_generation(alone(engine, base_request), before, tol=0.0)
+
+
+def test_a_request_in_flight_when_the_merged_version_changes_gets_the_tokens_it_gets_alone(make_engine, tiny_base,
+                                                                                           make_adapter_dir):
+    engine = make_engine()
+    for name, seed in (("a", 1), ("b", 2)):
+        load(engine, name, make_adapter_dir(name, scale=0.5, seed=seed))
+    requests = [request(tiny_base, f"Story number {i}", adapter, temperature=0.0, max_tokens=12)
+                for i, adapter in enumerate(["a", "b", None])]
+    want = [alone(engine, r) for r in requests]
+    streams = [engine.submit(r) for r in requests]
+    for merged in ("a", "b", None, "b"):  # a new merge between every two steps
+        engine.merge_adapter(merged)
+        engine.step()
+    for got, expected in zip(run(engine, streams), want, strict=True):
+        assert_same_generation(got, expected)
+
+
+def test_unloading_the_merged_version_unmerges_it_once_no_request_uses_it(make_engine, tiny_base, make_adapter_dir):
+    engine = make_engine()
+    base_request = request(tiny_base, "Who are you?", temperature=0.0, max_tokens=8)
+    before = alone(engine, base_request)
+    load(engine, "live", make_adapter_dir("live", scale=0.5))
+    pinned_request = request(tiny_base, "Pinned", "live", temperature=0.0, max_tokens=6)
+    want = alone(engine, pinned_request)
+    engine.merge_adapter("live")
+    pinned = engine.submit(pinned_request)
+    engine.step()
+    engine.unload_adapter("live")
+    engine.step()
+    assert engine.adapter_slot(None) not in (None, "__base__")  # still merged: a request uses it
+    assert_same_generation(run(engine, [pinned])[0], want)
+    engine.step()
+    assert engine.adapter_slot(None) is None
+    assert_same_generation(alone(engine, base_request), before, tol=0.0)
 
 
 def test_corrupt_or_foreign_adapter_is_refused_and_serving_goes_on(make_engine, tiny_base, make_adapter_dir, tmp_path):

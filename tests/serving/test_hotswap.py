@@ -94,6 +94,17 @@ def test_promotion_and_rollback_switch_what_the_alias_serves(registry, make_adap
     registry.rollback(actor="alice", reason="x")
     node.watcher.sync()  # v1 stayed loaded: the rollback is a pointer switch
     assert node.served_by() == "v1" and node.watcher.revision == registry.routing().revision
+    eventually(lambda: node.engine.adapter_slot("v1") == "__base__", "the live version merged into the weights")
+    assert node.engine.adapter_slot("v2") not in (None, "__base__")  # v2's rows run their difference to it
+
+
+def test_without_merging_the_live_version_runs_its_own_adapter(registry, make_adapter_dir, replica):
+    node = replica(merge_live_adapter=False)
+    approve(registry, make_adapter_dir, "v1", 0)
+    registry.promote("v1", actor="alice", reason="x")
+    node.watcher.sync()
+    assert node.served_by() == "v1" and node.engine.adapter_slot("v1") not in (None, "__base__")
+    assert node.engine.adapter_slot(None) is None
 
 
 def test_the_newest_approved_version_is_loaded_ahead_so_promoting_it_is_a_switch(registry, make_adapter_dir,
