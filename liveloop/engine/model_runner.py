@@ -133,10 +133,10 @@ def _fail(sequences: list[Sequence], error: BaseException) -> None:
 
 
 def _compact(batch: DecodeBatch | None, sequences: list[Sequence]) -> tuple[DecodeBatch | None, list[Sequence]]:
-    """Drop finished rows from the batch and the matching sequence list."""
-    keep = [i for i, s in enumerate(sequences) if not s.finished]
-    if len(keep) == len(sequences):
+    """Drop finished rows from the batch (in place; rows change order) and the matching sequence list."""
+    finished = [i for i, s in enumerate(sequences) if s.finished]
+    if not finished:
         return batch, sequences
-    if not keep:
+    if len(finished) == len(sequences):
         return None, []
-    return batch.select(keep), [sequences[i] for i in keep]
+    return batch, [sequences[i] for i in batch.drop(finished)]

@@ -45,10 +45,11 @@ def test_rows_join_and_leave_between_steps_and_padding_columns_are_trimmed(model
             joined, first = DecodeBatch.prefill(model, PROMPTS[2:])
             batch, rows, tokens = batch.merge(joined), rows + [2, 3], torch.cat([tokens, first.argmax(-1)])
             history |= {2: [first[0]], 3: [first[1]]}
-        if step == 5:  # the longest row leaves: its padding columns go with it
-            keep = [i for i, r in enumerate(rows) if r != 2]
+        if step == 5:  # the longest row leaves: its padding columns go with it, the last row takes its place
             length_before = batch.length
-            batch, rows, tokens = batch.select(keep), [rows[i] for i in keep], tokens[keep]
+            order = batch.drop([rows.index(2)])
+            rows, tokens = [rows[i] for i in order], tokens[order]
+            assert rows == [0, 1, 3]
             assert batch.length < length_before and bool(batch.attention_mask[:, 0].any())
         logits = batch.decode(model, tokens)
         for i, r in enumerate(rows):
@@ -66,3 +67,31 @@ def test_cache_grows_past_its_spare_columns(model):
         history.append(logits[0])
     _assert_matches_full_forward(model, PROMPTS[0], history)
     assert batch.length == len(PROMPTS[0]) + steps - 1
+
+
+def test_rows_joining_and_leaving_for_many_steps_each_get_what_they_get_alone(model):
+    """Joins of prompts longer and shorter than the running rows, leaves from the middle and the end, past the
+    slabs' spare rows and columns: every row's logits stay those of its own full forward."""
+    prompts = [[1, *range(100 + 7 * i, 100 + 7 * i + 2 + (5 * i) % 11)] for i in range(12)]
+    batch, logits = DecodeBatch.prefill(model, prompts[:1])
+    rows, history, waiting = [0], {0: [logits[0]]}, list(range(1, 12))
+    lifetime = {i: 20 + (13 * i) % 50 for i in range(12)}  # decode steps each row stays
+    for step in range(2 * _SPARE_COLUMNS):
+        tokens = logits.argmax(-1)
+        done = [i for i, r in enumerate(rows) if len(history[r]) >= lifetime[r]]
+        if done and len(done) < len(rows):
+            order = batch.drop(done)
+            rows, tokens = [rows[i] for i in order], tokens[order]
+        if waiting and step % 7 == 3:
+            joining = waiting[:1 + step % 2]
+            waiting = waiting[len(joining):]
+            joined, first = DecodeBatch.prefill(model, [prompts[r] for r in joining])
+            batch, rows = batch.merge(joined), rows + joining
+            tokens = torch.cat([tokens, first.argmax(-1)])
+            history |= {r: [first[i]] for i, r in enumerate(joining)}
+        logits = batch.decode(model, tokens)
+        for i, r in enumerate(rows):
+            history[r].append(logits[i])
+    assert not waiting
+    for r, got in history.items():
+        _assert_matches_full_forward(model, prompts[r], got)
