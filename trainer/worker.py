@@ -340,15 +340,19 @@ class Trainer:
                 Promoter(self.registry, self.settings).after_gates(name)
 
     def _gate_when_wanted(self) -> None:
-        """Judge the newest waiting candidate when the promotion could use it (module docstring); the older ones
-        waiting are rejected unjudged."""
+        """Judge the newest waiting candidate when the promotion could use it (module docstring); if its gates
+        reject it, the next newest, and so on: a candidate that overshot the KL bound must not take the versions
+        trained before it down with it. The ones older than the first that passes are rejected unjudged."""
         waiting = self.registry.versions(kind=Kind.POLICY, states=[State.CANDIDATE])  # newest first
         if not waiting or not Promoter(self.registry, self.settings).wants_candidate():
             return
-        for older in waiting[1:]:
-            self.registry.reject(older.name, actor="trainer", expect=State.CANDIDATE,
-                                 reason=f"superseded by {waiting[0].name} before its gates ran")
-        self._gate(waiting[0].name)
+        for judged, version in enumerate(waiting):
+            self._gate(version.name)
+            if self.registry.get(version.name).state != State.REJECTED:
+                for older in waiting[judged + 1:]:
+                    self.registry.reject(older.name, actor="trainer", expect=State.CANDIDATE,
+                                         reason=f"superseded by {version.name} before its gates ran")
+                return
 
 
 def _offsets(offsets: dict[TopicPartition, int]) -> dict[str, int]:

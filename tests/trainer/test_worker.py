@@ -323,6 +323,34 @@ def test_candidates_wait_unjudged_while_a_canary_holds_the_slot_and_the_newest_i
     assert registry.audit(newest.name)[0].actor in ("gate", "promotion-policy")
 
 
+def test_a_newest_candidate_its_gates_reject_leaves_the_next_newest_to_be_judged(trainer_settings):
+    """A candidate that overshot (say the KL bound) does not take the waiting versions trained before it down."""
+    settings = trainer_settings(promotion_policy="auto", canary_min_trained_ratings=0)
+    trainer, registry = _trainer(settings)
+    _served_ratings(settings, 8)
+    canary = trainer.consume(trainer.gather())
+    _served_ratings(settings, 8)
+    waiting = trainer.consume(trainer.gather())
+    _served_ratings(settings, 8)
+    newest = trainer.consume(trainer.gather())
+    registry.reject(canary.name, actor="test", reason="test", expect=State.CANARY)
+    judged, gate = [], trainer._gate
+
+    def gate_failing_the_newest(name: str) -> None:
+        judged.append(name)
+        if name == newest.name:
+            registry.judge(name, report={"passed": False, "gates": []}, failed=["kl"])
+        else:
+            gate(name)
+
+    trainer._gate = gate_failing_the_newest
+    trainer._gate_when_wanted()
+    trainer.consumer.close()
+    assert judged == [newest.name, waiting.name]
+    assert registry.get(newest.name).state == State.REJECTED
+    assert registry.get(waiting.name).state in (State.APPROVED, State.CANARY)  # judged, passed, not superseded
+
+
 def test_reward_model_mode_trains_the_reward_model_and_updates_on_fresh_rollouts_once_it_is_usable(
         trainer_settings):
     settings = trainer_settings(reward_source="reward_model", rollout={"max_tokens": 6})
