@@ -285,7 +285,11 @@ class Trainer:
         if start != self.version_name:
             log.info("training continues from %s instead of %s", start or "the base model",
                      self.version_name or "the base model")
+            beta = self.policy.kl_ctl.value
             self._restore(start)
+            # β keeps the higher of the two: a version trained past the KL bound and rejected must not be followed
+            # by the same training with the β that let it overshoot (an older version carries an older, lower β)
+            self.policy.kl_ctl.value = max(self.policy.kl_ctl.value, beta)
             self.version_name = start
 
     def _restore(self, name: str | None) -> None:

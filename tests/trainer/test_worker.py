@@ -345,10 +345,14 @@ def test_a_newest_candidate_its_gates_reject_leaves_the_next_newest_to_be_judged
 
     trainer._gate = gate_failing_the_newest
     trainer._gate_when_wanted()
-    trainer.consumer.close()
     assert judged == [newest.name, waiting.name]
     assert registry.get(newest.name).state == State.REJECTED
     assert registry.get(waiting.name).state in (State.APPROVED, State.CANARY)  # judged, passed, not superseded
+    trainer.policy.kl_ctl.value = beta = 10 * trainer.policy.kl_ctl.value  # what the overshoot had driven β to
+    trainer._follow_serving()
+    trainer.consumer.close()
+    assert trainer.version_name == waiting.name  # training goes on from the version that passed ...
+    assert trainer.policy.kl_ctl.value == beta  # ... with the β the rejected one had reached, not its older one
 
 
 def test_reward_model_mode_trains_the_reward_model_and_updates_on_fresh_rollouts_once_it_is_usable(
