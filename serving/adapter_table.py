@@ -16,6 +16,7 @@ import logging
 import threading
 from collections import Counter
 from concurrent.futures import Future
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from peft import PeftModel
@@ -67,6 +68,10 @@ class AdapterTable:
         """A row's slot (None: the base) → the adapter its forward runs under, where that differs (a merged
         version); changed only on the engine thread, between forward passes."""
         return self._slots.forward_names
+
+    def adapters_off(self) -> AbstractContextManager[nn.Module]:
+        """The model with its adapters off, for a forward in which no row uses one (``SlotPool.adapters_off``)."""
+        return self._slots.adapters_off()
 
     def slot(self, name: str | None) -> str | None:
         """The peft adapter a forward runs the loaded version ``name`` (None: the base model) under."""

@@ -75,7 +75,8 @@ class Engine:
         self._scheduler = Scheduler(max_batch_size=max_batch_size, max_queue=max_queue,
                                     max_prefill_tokens=max_prefill_tokens, lock=self._lock)
         self._runner = ModelRunner(eos_token_ids=base.eos_token_ids, context_length=base.context_length,
-                                   forward_names=self._adapters.forward_names)  # this thread
+                                   forward_names=self._adapters.forward_names,
+                                   adapters_off=self._adapters.adapters_off)  # this thread
         self._stopped = False
         self._thread: threading.Thread | None = None
 

@@ -12,7 +12,8 @@ prefill's newcomers, or the whole running batch, whose cache is then in an unkno
 Rows of one batch may use different adapters: with ``adapter_per_row`` and a peft model, each forward passes
 peft's ``adapter_names`` (``Sequence.adapter``; None is the base with adapters off, ``BASE_ADAPTER``), which needs
 the model in eval mode. Without it the model runs as it is: its active adapter, or none inside
-``disable_adapter()``. ``forward_names`` maps a row's adapter to the one its forward runs under where they differ
+``disable_adapter()``. ``adapters_off``, when given, runs a batch in which no row uses an adapter without peft's
+per-row machinery. ``forward_names`` maps a row's adapter to the one its forward runs under where they differ
 (serving's merged version: ``serving.slots``).
 """
 
@@ -20,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -45,11 +47,13 @@ class ModelRunner:
     """The running batch of one model and the step that advances it; not thread-safe (one thread steps it)."""
 
     def __init__(self, *, eos_token_ids: Collection[int], context_length: int, adapter_per_row: bool = True,
-                 forward_names: Mapping[str | None, str] | None = None):
+                 forward_names: Mapping[str | None, str] | None = None,
+                 adapters_off: Callable[[], AbstractContextManager[torch.nn.Module]] | None = None):
         self.eos_token_ids = frozenset(eos_token_ids)
         self.context_length = context_length
         self.adapter_per_row = adapter_per_row
         self.forward_names = forward_names if forward_names is not None else {}
+        self.adapters_off = adapters_off
         self.running: list[Sequence] = []
         self.batch: DecodeBatch | None = None
 
@@ -71,8 +75,8 @@ class ModelRunner:
     def _prefill(self, model: torch.nn.Module, newcomers: list[Sequence]) -> tuple[int, float | None]:
         started = time.perf_counter()
         try:
-            batch, logits = DecodeBatch.prefill(model, [s.prompt_ids for s in newcomers],
-                                                **self._forward_kwargs(model, newcomers))
+            with self._forward(model, newcomers) as (forward_model, kwargs):
+                batch, logits = DecodeBatch.prefill(forward_model, [s.prompt_ids for s in newcomers], **kwargs)
             self._sample(newcomers, logits)
         except Exception as exc:  # e.g. out of memory: these sequences fail, the running batch goes on
             log.exception("prefill of %d sequences failed", len(newcomers))
@@ -90,7 +94,8 @@ class ModelRunner:
         started = time.perf_counter()
         tokens = torch.tensor([s.token_ids[-1] for s in sequences], device=model.device)  # (B,)
         try:
-            logits = self.batch.decode(model, tokens, **self._forward_kwargs(model, sequences))
+            with self._forward(model, sequences) as (forward_model, kwargs):
+                logits = self.batch.decode(forward_model, tokens, **kwargs)
             self._sample(sequences, logits)
         except Exception as exc:  # the batch's cache is in an unknown state: its sequences fail
             log.exception("decode step of %d sequences failed", len(sequences))
@@ -100,11 +105,19 @@ class ModelRunner:
         self.drop_finished()
         return len(sequences), seconds
 
-    def _forward_kwargs(self, model: torch.nn.Module, sequences: list[Sequence]) -> dict:
+    @contextmanager
+    def _forward(self, model: torch.nn.Module, sequences: list[Sequence]) -> Iterator[tuple[torch.nn.Module, dict]]:
+        """The model to run ``sequences`` through and its keyword arguments (each row's adapter)."""
         if not self.adapter_per_row or not isinstance(model, PeftModel):
-            return {}
+            yield model, {}
+            return
         names = self.forward_names
-        return {"adapter_names": [names.get(s.adapter, s.adapter or BASE_ADAPTER) for s in sequences]}
+        adapter_names = [names.get(s.adapter, s.adapter or BASE_ADAPTER) for s in sequences]
+        if self.adapters_off is not None and all(name == BASE_ADAPTER for name in adapter_names):
+            with self.adapters_off() as plain:  # peft's mixed batch costs ~10 % of a step even with no adapter
+                yield plain, {}
+            return
+        yield model, {"adapter_names": adapter_names}
 
     def _sample(self, sequences: list[Sequence], logits: torch.Tensor) -> None:
         """Sample one token per row of logits (N, V) and hand it to its sequence."""

@@ -391,6 +391,14 @@ def test_a_merged_version_runs_without_an_adapter_and_every_row_gets_what_it_got
     for got, want in zip(merged, unmerged, strict=True):
         assert_same_generation(got, want)
     assert len({tuple(r.token_ids) for r in merged[:3]}) == 3
+    peft_forward = engine.model.forward
+    engine.model.forward = None  # a batch of the merged version alone runs the plain model, past peft's forward
+    try:
+        live_only = run(engine, [engine.submit(requests[i]) for i in (0, 3)])
+    finally:
+        engine.model.forward = peft_forward
+    for got, want in zip(live_only, [unmerged[0], unmerged[3]], strict=True):
+        assert_same_generation(got, want)
 
 
 def test_merging_another_version_or_none_leaves_no_trace_of_the_last_in_the_weights(make_engine, tiny_base,
