@@ -12,7 +12,8 @@ of clients (each sends its next request when its last one finished), ``rounds`` 
   (c) ``liveloop serve`` over HTTP (streaming, the live alias) in a subprocess, as production runs it: with no
       live version, and with the same adapter registered and promoted live;
   (d) the bounds: one bare batched decode step (forward only) for max(concurrency) rows, without the adapter and
-      with it, unmerged and merged into the weights (as serving runs its live version), as tokens/s.
+      with it unmerged, as tokens/s. Serving merges its live version into the weights, and a batch of its rows
+      runs the very forward of the model without adapters: the live-adapter rows are held to the first bound.
 
 Each row prints tokens/s, p50/p95 request latency, p50 time to first token and ``× peer``, its ratio to (a) at the
 same concurrency and dtype; then each HTTP row at the largest concurrency against the bounds. Timings on a shared
@@ -76,12 +77,9 @@ def bounds(base: LoadedModel, prompts: list[list[int]], adapter_dir: Path) -> di
     found = {f"decode-step bound, {rows} rows": rows / decode_step_seconds(base.model, prompts)}
     engine.load_adapter(ADAPTER, adapter_dir)
     engine.step()  # runs the load
-    for merged in (False, True):  # serving merges the live version (Settings.merge_live_adapter)
-        engine.merge_adapter(ADAPTER if merged else None)
-        engine.step()
-        slots = [engine.adapter_slot(ADAPTER)] * rows
-        found[f"decode-step bound, {rows} rows, adapter {'merged' if merged else 'unmerged'}"] = (
-            rows / decode_step_seconds(engine.model, prompts, adapter_names=slots))
+    slots = [engine.adapter_slot(ADAPTER)] * rows
+    found[f"decode-step bound, {rows} rows, adapter unmerged"] = rows / decode_step_seconds(engine.model, prompts,
+                                                                                           adapter_names=slots)
     return found
 
 
@@ -241,7 +239,7 @@ def report(dtype: str, runs: list[Run], found: dict[str, float], concurrencies: 
         print(f"{name:44} {'':5} {'':7} {tokens_per_second:8.1f}")
     widest = max(concurrencies)
     for label, bound in (("no adapter", f"decode-step bound, {widest} rows"),
-                         ("live adapter", f"decode-step bound, {widest} rows, adapter merged")):
+                         ("live adapter", f"decode-step bound, {widest} rows")):  # merged: the same forward
         run = next(r for r in runs if r.name == f"HTTP, {label}, {widest} concurrent")
         print(f"{run.name} / {bound}: {run.tokens_per_second / found[bound]:.2f}")
 

@@ -69,15 +69,21 @@ class AdapterTable:
         version); changed only on the engine thread, between forward passes."""
         return self._slots.forward_names
 
+    def weights_epoch(self) -> int:
+        """Advances whenever what a forward under some adapter name computes changes (``SlotPool``)."""
+        return self._slots.weights_epoch
+
     def adapters_off(self) -> AbstractContextManager[nn.Module]:
         """The model with its adapters off, for a forward in which no row uses one (``SlotPool.adapters_off``)."""
         return self._slots.adapters_off()
 
     def slot(self, name: str | None) -> str | None:
-        """The peft adapter a forward runs the loaded version ``name`` (None: the base model) under."""
+        """The peft adapter a forward runs the loaded version ``name`` (None: the base model) under; None: no
+        adapter (the base model, or the version merged into its weights)."""
         with self._lock:
             slot = None if name is None else self._slot_of[name].name
-            return self._slots.forward_names.get(slot, slot)
+            forward = self._slots.forward_names.get(slot, slot)
+            return None if forward == BASE_ADAPTER else forward
 
     def require_servable(self, name: str | None) -> None:
         with self._lock:

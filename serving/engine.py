@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from liveloop.engine.model_runner import ModelRunner
+from liveloop.engine.prefix_cache import PrefixCache
 from liveloop.model import LoadedModel
 from liveloop.sampling import MIN_TEMPERATURE, SEED_RANGE
 from serving import metrics
@@ -76,7 +77,8 @@ class Engine:
                                     max_prefill_tokens=max_prefill_tokens, lock=self._lock)
         self._runner = ModelRunner(eos_token_ids=base.eos_token_ids, context_length=base.context_length,
                                    forward_names=self._adapters.forward_names,
-                                   adapters_off=self._adapters.adapters_off)  # this thread
+                                   adapters_off=self._adapters.adapters_off,
+                                   prefix_cache=PrefixCache(weights_epoch=self._adapters.weights_epoch))  # this thread
         self._stopped = False
         self._thread: threading.Thread | None = None
 

@@ -71,6 +71,7 @@ class SlotPool:
         self._negative: Slot | None = None  # −ΔM in its second half, for the base's rows while M is merged
         self._pristine: dict[str, torch.Tensor] = {}  # W₀ of each adapted projection, kept from the first merge
         self._lora_layers: list[LoraLayer] = []  # every LoRA layer of the model, whatever slots it holds
+        self.weights_epoch = 0  # advances whenever what some adapter name computes changes (a fill, a merge)
         # a row's slot (None: the base) → the adapter its forward runs under; read by the model runner
         self.forward_names: dict[str | None, str] = {}
 
@@ -111,6 +112,7 @@ class SlotPool:
                 own, merged = slot.halves(key)
                 own.copy_(tensors[key] * (scaling if key.endswith("lora_B.weight") else 1))
                 merged.copy_(self._negative_half(key))
+            self.weights_epoch += 1
 
     def create(self, config: PeftConfig) -> Slot:
         """A new slot of ``config``, reserved for the caller (engine thread). Free slots of other configs are
@@ -160,6 +162,7 @@ class SlotPool:
             for each in [*self._slots, *([self._negative] if self._negative else [])]:
                 for key in (f"{module}.{kind}.weight" for module in each.layers for kind in ("lora_A", "lora_B")):
                     each.halves(key)[1].copy_(self._negative_half(key))
+            self.weights_epoch += 1
             self.forward_names.clear()
             if slot is not None:
                 self.forward_names.update({slot.name: BASE_ADAPTER, None: self._negative.name})

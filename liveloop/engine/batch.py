@@ -27,6 +27,8 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 
+from liveloop.engine.prefix_cache import Prefix
+
 # Spare columns allocated past the current length: a slab is reallocated every this many decode steps at most.
 _SPARE_COLUMNS = 64
 # Any id works for padding: padded columns are masked out of attention and never sampled from.
@@ -124,18 +126,32 @@ class DecodeBatch:
 
     @classmethod
     @torch.inference_mode()
-    def prefill(cls, model: PreTrainedModel, prompts: list[list[int]],
+    def prefill(cls, model: PreTrainedModel, prompts: list[list[int]], prefixes: list[Prefix | None] | None = None,
                 **forward_kwargs) -> tuple[DecodeBatch, torch.Tensor]:
-        """Run the prompts as one left-padded batch; return the batch and the next-token logits (N, V)."""
-        length = max(len(p) for p in prompts)
+        """Run the prompts as one left-padded batch; return the batch and the next-token logits (N, V).
+
+        A row with a ``prefixes`` entry (``liveloop.engine.prefix_cache``: the keys and values of its prompt's
+        first tokens) runs only the rest of its prompt: its row is [padding | prefix | padding | the rest]."""
+        prefixes = prefixes or [None] * len(prompts)
+        cached = [prefix.length if prefix else 0 for prefix in prefixes]
+        rests = [prompt[length:] for prompt, length in zip(prompts, cached, strict=True)]
+        width, length = max(cached), max(len(rest) for rest in rests)
         device = model.device
-        input_ids = torch.tensor([[_PAD_ID] * (length - len(p)) + list(p) for p in prompts], device=device)
-        mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (N, T); padding gets 0, it is masked anyway
-        cache = Cache(layer_class_to_replicate=_SlabLayer)
+        input_ids = torch.tensor([[_PAD_ID] * (length - len(r)) + list(r) for r in rests], device=device)
+        mask = torch.tensor([[0] * (width - c) + [1] * c + [0] * (length - len(r)) + [1] * len(r)
+                             for c, r in zip(cached, rests, strict=True)], device=device)
+        # (N, T): each token's position in its own prompt; padding gets 0, it is masked anyway
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, width:]
+        cache = _prefix_cache(prefixes, width) if width else Cache(layer_class_to_replicate=_SlabLayer)
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
                     use_cache=True, logits_to_keep=1, **forward_kwargs)
         return cls(cache, mask, mask.sum(-1)), out.logits[:, -1]
+
+    def prefix(self, row: int, length: int) -> Prefix:
+        """The keys and values of the first ``length`` tokens of ``row``, copied out (to keep in a prefix cache)."""
+        columns = self.attention_mask[row].nonzero().squeeze(1)[:length]
+        return Prefix(length, [(layer.keys[row][:, columns].clone(), layer.values[row][:, columns].clone())
+                               for layer in self.cache.layers])
 
     @torch.inference_mode()
     def decode(self, model: PreTrainedModel, tokens: torch.Tensor, **forward_kwargs) -> torch.Tensor:
@@ -176,6 +192,28 @@ class DecodeBatch:
             layer.keep_rows(len(order), trim)
         self.attention_mask, self.positions = mask[:, trim:], self.positions[index]
         return order
+
+
+def _prefix_cache(prefixes: list[Prefix | None], width: int) -> Cache:
+    """A cache of ``width`` columns holding each row's prefix right-aligned (zeros before it, and in rows
+    without one)."""
+    first = next(prefix for prefix in prefixes if prefix is not None)
+    layers = []
+    for index, (keys, _) in enumerate(first.layers):
+        layer = _SlabLayer()
+        layer.dtype, layer.device, layer.is_initialized = keys.dtype, keys.device, True
+        layer.rows, layer.start, layer.end = len(prefixes), 0, width
+        layer._allocate(len(prefixes), keys.shape[0], keys.shape[-1], width + _SPARE_COLUMNS)
+        layer._key_slab[:, :, :width] = 0
+        layer._value_slab[:, :, :width] = 0
+        for row, prefix in enumerate(prefixes):
+            if prefix is not None:
+                prefix_keys, prefix_values = prefix.layers[index]
+                layer._key_slab[row, :, width - prefix.length:width] = prefix_keys
+                layer._value_slab[row, :, width - prefix.length:width] = prefix_values
+        layer._view()
+        layers.append(layer)
+    return Cache(layers=layers)
 
 
 def _left_pad(mask: torch.Tensor, length: int) -> torch.Tensor:

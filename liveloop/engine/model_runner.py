@@ -29,6 +29,7 @@ import torch
 from peft import PeftModel
 
 from liveloop.engine.batch import DecodeBatch
+from liveloop.engine.prefix_cache import Prefix, PrefixCache
 from liveloop.engine.sequence import Sequence
 from liveloop.sampling import BASE_ADAPTER, sample, sampling_logprobs
 
@@ -48,12 +49,14 @@ class ModelRunner:
 
     def __init__(self, *, eos_token_ids: Collection[int], context_length: int, adapter_per_row: bool = True,
                  forward_names: Mapping[str | None, str] | None = None,
-                 adapters_off: Callable[[], AbstractContextManager[torch.nn.Module]] | None = None):
+                 adapters_off: Callable[[], AbstractContextManager[torch.nn.Module]] | None = None,
+                 prefix_cache: PrefixCache | None = None):
         self.eos_token_ids = frozenset(eos_token_ids)
         self.context_length = context_length
         self.adapter_per_row = adapter_per_row
         self.forward_names = forward_names if forward_names is not None else {}
         self.adapters_off = adapters_off
+        self.prefix_cache = prefix_cache
         self.running: list[Sequence] = []
         self.batch: DecodeBatch | None = None
 
@@ -75,9 +78,15 @@ class ModelRunner:
     def _prefill(self, model: torch.nn.Module, newcomers: list[Sequence]) -> tuple[int, float | None]:
         started = time.perf_counter()
         try:
-            with self._forward(model, newcomers) as (forward_model, kwargs):
-                batch, logits = DecodeBatch.prefill(forward_model, [s.prompt_ids for s in newcomers], **kwargs)
+            names = self._row_names(newcomers)
+            prefixes = ([self.prefix_cache.lookup(name, s.prompt_ids) for name, s in zip(names, newcomers, strict=True)]
+                        if self.prefix_cache is not None else None)
+            with self._forward(model, names) as (forward_model, kwargs):
+                batch, logits = DecodeBatch.prefill(forward_model, [s.prompt_ids for s in newcomers], prefixes,
+                                                    **kwargs)
             self._sample(newcomers, logits)
+            if self.prefix_cache is not None:
+                self._keep_prefixes(batch, names, newcomers, prefixes)
         except Exception as exc:  # e.g. out of memory: these sequences fail, the running batch goes on
             log.exception("prefill of %d sequences failed", len(newcomers))
             _fail(newcomers, exc)
@@ -94,7 +103,7 @@ class ModelRunner:
         started = time.perf_counter()
         tokens = torch.tensor([s.token_ids[-1] for s in sequences], device=model.device)  # (B,)
         try:
-            with self._forward(model, sequences) as (forward_model, kwargs):
+            with self._forward(model, self._row_names(sequences)) as (forward_model, kwargs):
                 logits = self.batch.decode(forward_model, tokens, **kwargs)
             self._sample(sequences, logits)
         except Exception as exc:  # the batch's cache is in an unknown state: its sequences fail
@@ -105,19 +114,30 @@ class ModelRunner:
         self.drop_finished()
         return len(sequences), seconds
 
+    def _row_names(self, sequences: list[Sequence]) -> list[str]:
+        """The adapter each row's forward runs under (``BASE_ADAPTER``: none)."""
+        names = self.forward_names
+        return [names.get(s.adapter, s.adapter or BASE_ADAPTER) for s in sequences]
+
     @contextmanager
-    def _forward(self, model: torch.nn.Module, sequences: list[Sequence]) -> Iterator[tuple[torch.nn.Module, dict]]:
-        """The model to run ``sequences`` through and its keyword arguments (each row's adapter)."""
+    def _forward(self, model: torch.nn.Module, names: list[str]) -> Iterator[tuple[torch.nn.Module, dict]]:
+        """The model to run rows under adapters ``names`` through, and its keyword arguments."""
         if not self.adapter_per_row or not isinstance(model, PeftModel):
             yield model, {}
             return
-        names = self.forward_names
-        adapter_names = [names.get(s.adapter, s.adapter or BASE_ADAPTER) for s in sequences]
-        if self.adapters_off is not None and all(name == BASE_ADAPTER for name in adapter_names):
+        if self.adapters_off is not None and all(name == BASE_ADAPTER for name in names):
             with self.adapters_off() as plain:  # peft's mixed batch costs ~10 % of a step even with no adapter
                 yield plain, {}
             return
-        yield model, {"adapter_names": adapter_names}
+        yield model, {"adapter_names": names}
+
+    def _keep_prefixes(self, batch: DecodeBatch, names: list[str], sequences: list[Sequence],
+                       prefixes: list[Prefix | None]) -> None:
+        """Keep the prefixes other prompts have shared (``PrefixCache.worth_keeping``) out of this prefill."""
+        for row, (name, sequence, prefix) in enumerate(zip(names, sequences, prefixes, strict=True)):
+            length = self.prefix_cache.worth_keeping(name, sequence.prompt_ids, prefix.length if prefix else 0)
+            if length:
+                self.prefix_cache.keep(name, sequence.prompt_ids, batch.prefix(row, length))
 
     def _sample(self, sequences: list[Sequence], logits: torch.Tensor) -> None:
         """Sample one token per row of logits (N, V) and hand it to its sequence."""

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from liveloop.engine.batch import _SPARE_COLUMNS, DecodeBatch
+from liveloop.engine.prefix_cache import Prefix, PrefixCache
 
 PROMPTS = [[1, 504, 3185, 28, 1001], [1, 77, 9], [1, 4000, 4001, 4002, 4003, 4004, 4005, 4006], [1, 12, 13, 14]]
 
@@ -95,3 +96,37 @@ def test_rows_joining_and_leaving_for_many_steps_each_get_what_they_get_alone(mo
     assert not waiting
     for r, got in history.items():
         _assert_matches_full_forward(model, prompts[r], got)
+
+
+def test_rows_prefilled_from_a_kept_prefix_get_what_a_whole_prefill_gives(model):
+    system = [1, 9, 8, 7, 6, 5, 4, 3, 2, 11, 12, 13, 14, 15, 16, 17]  # two blocks of 8 shared by every prompt
+    prompts = [system + [300 + i] * (i + 1) for i in range(4)] + [[1, 42, 43]]
+    whole, whole_logits = DecodeBatch.prefill(model, prompts)
+    kept = [whole.prefix(0, 16), whole.prefix(1, 8)]
+    prefixes = [kept[0], kept[1], None, kept[0], None]  # mixed lengths, and rows with none
+    batch, logits = DecodeBatch.prefill(model, prompts, prefixes)
+    torch.testing.assert_close(logits, whole_logits, rtol=1e-4, atol=1e-4)
+    assert batch.positions.tolist() == [len(p) for p in prompts]
+    history = {row: [logits[row]] for row in range(len(prompts))}
+    for _ in range(5):
+        logits = batch.decode(model, logits.argmax(-1))
+        for row in history:
+            history[row].append(logits[row])
+    for row, got in history.items():
+        _assert_matches_full_forward(model, prompts[row], got)
+
+
+def test_a_prefix_is_kept_once_two_prompts_shared_it_and_forgotten_when_the_weights_change():
+    epoch = [0]
+    cache = PrefixCache(capacity=2, block=4, weights_epoch=lambda: epoch[0])
+    shared, fake = [1, 2, 3, 4, 5, 6, 7, 8], Prefix(8, [])
+    assert cache.lookup("a", shared + [9]) is None
+    assert cache.worth_keeping("a", shared + [9], cached=0) == 0  # seen once: not worth a copy yet
+    assert cache.worth_keeping("a", shared + [10, 11], cached=0) == 8  # its longest shared whole-block prefix
+    cache.keep("a", shared + [10, 11], fake)
+    assert cache.lookup("a", shared + [12]) is fake
+    assert cache.lookup("a", shared) is None  # a prompt that is all prefix: its last token is still prefilled
+    assert cache.lookup("b", shared + [12]) is None  # another adapter computes other keys and values
+    assert cache.worth_keeping("a", shared + [13], cached=8) == 0  # prefilled from it already
+    epoch[0] += 1  # say a version was merged into the weights
+    assert cache.lookup("a", shared + [12]) is None and len(cache) == 0

@@ -269,6 +269,30 @@ def test_offline_generate_runs_the_engines_step_and_gets_its_tokens(make_engine,
         assert generation.finish_reason == result.finish_reason
 
 
+def test_prompts_sharing_the_system_prompt_are_prefilled_from_its_kept_prefix_and_get_the_same_tokens(
+        make_engine, tiny_base, make_adapter_dir):
+    """The chat template's system prompt is kept after two prompts shared it; later prompts, served and merged ones
+    among them, prefill from it and get the tokens and log-probs a whole prefill gives (offline generation has no
+    prefix cache)."""
+    engine = make_engine()
+    load(engine, "a", make_adapter_dir("a", scale=0.5))
+    engine.merge_adapter("a")
+    requests = [GenerationRequest(chat(tiny_base, content), replace(params, temperature=0.0), adapter=adapter)
+                for (content, params), adapter in zip(MIXED * 2, ["a", None] * 4, strict=True)]
+    served = [alone(engine, r) for r in requests]  # one at a time: each later prefill can find the kept prefix
+    cache = engine._runner.prefix_cache
+    assert cache.hits >= 4  # the system prompt, under the merged version and the base; then repeated prompts
+    for request_, result in zip(requests, served, strict=True):
+        [generation] = generate(engine.model, [request_.prompt_ids], [request_.params],
+                                eos_token_ids=tiny_base.eos_token_ids, generator=torch.Generator(),
+                                adapter=engine.adapter_slot(request_.adapter))
+        assert list(generation.response_ids) == result.token_ids
+        assert list(generation.behaviour_logprobs) == pytest.approx(result.logprobs, abs=1e-4)
+    engine.merge_adapter(None)
+    engine.step()
+    assert cache.lookup("__base__", requests[1].prompt_ids) is None  # the weights changed: nothing kept holds
+
+
 def test_adapter_loads_between_steps_while_requests_run(make_engine, tiny_base, make_adapter_dir):
     engine = make_engine()
     running = [engine.submit(request(tiny_base, f"Story number {i}", temperature=0.9, max_tokens=12, seed=i))
@@ -385,7 +409,7 @@ def test_a_merged_version_runs_without_an_adapter_and_every_row_gets_what_it_got
     unmerged = run(engine, [engine.submit(r) for r in requests])
     engine.merge_adapter("live")
     engine.step()
-    assert engine.adapter_slot("live") == "__base__"  # its rows pay no adapter cost
+    assert engine.adapter_slot("live") is None  # its rows pay no adapter cost
     assert engine.adapter_slot(None) not in (None, "__base__")  # the base's rows take the merged version off
     merged = run(engine, [engine.submit(r) for r in requests])
     for got, want in zip(merged, unmerged, strict=True):
