@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
@@ -164,8 +165,10 @@ class AdapterTable:
         """Merge the loaded version ``name`` into the base weights, or none (engine thread; ``serving.slots``)."""
         with self._lock:
             slot = self._slot_of.get(name) if name in self._loaded and name not in self._unloading else None
+        started = time.perf_counter()
         self._slots.merge(slot)
-        log.info("serving %s from merged weights", name if slot is not None else "no version")
+        log.info("base weights now hold %s (%.0f ms)", name if slot is not None else "no version",
+                 (time.perf_counter() - started) * 1000)
 
     # --- unloading -----------------------------------------------------------------------------------------------
 
