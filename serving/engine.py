@@ -79,6 +79,7 @@ class Engine:
                                    forward_names=self._adapters.forward_names,
                                    adapters_off=self._adapters.adapters_off,
                                    prefix_cache=PrefixCache(weights_epoch=self._adapters.weights_epoch))  # this thread
+        self._prefix_counted = (0, 0)  # the prefix cache's token counts already exported
         self._stopped = False
         self._thread: threading.Thread | None = None
 
@@ -261,6 +262,10 @@ class Engine:
         if outcome.prefill_seconds is not None:
             metrics.STEP_SECONDS.labels("prefill").observe(outcome.prefill_seconds)
             metrics.PROMPT_TOKENS.inc(sum(len(s.prompt_ids) for s in newcomers))
+        cache = self._runner.prefix_cache
+        metrics.PREFIX_CACHE_QUERIES.inc(cache.queried_tokens - self._prefix_counted[0])
+        metrics.PREFIX_CACHE_HITS.inc(cache.hit_tokens - self._prefix_counted[1])
+        self._prefix_counted = (cache.queried_tokens, cache.hit_tokens)
         if outcome.decode_seconds is not None:
             metrics.STEP_SECONDS.labels("decode").observe(outcome.decode_seconds)
         self._adapters.unload_unused()

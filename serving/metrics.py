@@ -16,6 +16,10 @@ WAITING = Gauge("liveloop_num_requests_waiting", "Requests waiting for a slot in
 RUNNING = Gauge("liveloop_num_requests_running", "Requests in the running batch.")
 GENERATED_TOKENS = Counter("liveloop_generation_tokens_total", "Tokens sampled by the engine.")
 PROMPT_TOKENS = Counter("liveloop_prompt_tokens_total", "Prompt tokens prefilled by the engine.")
+PREFIX_CACHE_QUERIES = Counter("liveloop_prefix_cache_queries_total",
+                               "Prompt tokens of prefilled prompts looked up in the prefix cache.")
+PREFIX_CACHE_HITS = Counter("liveloop_prefix_cache_hits_total",
+                            "Prompt tokens found in the prefix cache (their keys and values reused, not prefilled).")
 TIME_TO_FIRST_TOKEN = Histogram(
     "liveloop_time_to_first_token_seconds", "From submit to the first sampled token (queueing plus prefill).",
     buckets=_LATENCY_BUCKETS,

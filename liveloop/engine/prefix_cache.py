@@ -33,7 +33,7 @@ class PrefixCache:
         self._epoch = weights_epoch()
         self._kept: OrderedDict[tuple, Prefix] = OrderedDict()
         self._seen: OrderedDict[tuple, None] = OrderedDict()  # prefixes met once, most recent last
-        self.hits = self.lookups = 0
+        self.queried_tokens = self.hit_tokens = 0  # for the hit rate
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -47,12 +47,12 @@ class PrefixCache:
         if self.weights_epoch() != self._epoch:
             self.clear()
             self._epoch = self.weights_epoch()
-        self.lookups += 1
+        self.queried_tokens += len(prompt)
         for blocks in range((len(prompt) - 1) // self.block, 0, -1):
             key = (adapter, tuple(prompt[:blocks * self.block]))
             if key in self._kept:
                 self._kept.move_to_end(key)
-                self.hits += 1
+                self.hit_tokens += blocks * self.block
                 return self._kept[key]
         return None
 
