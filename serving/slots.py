@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +38,8 @@ from peft.tuners.lora import LoraLayer
 
 from liveloop.adapter_artifacts import AdapterArtifactError
 from liveloop.sampling import BASE_ADAPTER
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -142,6 +145,7 @@ class SlotPool:
         """Merge ``slot``'s version into the base weights (None: serve W₀ again); engine thread, between forward
         passes. Only a version whose config every slot shares can be merged; otherwise nothing is."""
         if slot is not None and any(other.config != slot.config for other in self._slots):
+            log.info("not merging %s: versions of another LoRA config are loaded", slot.name)
             slot = None
         if slot is self.merged:
             return
