@@ -27,6 +27,11 @@ REWARD_MODEL_BALANCED_ACCURACY = Gauge(
     "Reward model held-out balanced accuracy (mean of the accuracy on thumbs up and on thumbs down; a constant "
     "score gets 0.5); NaN while the held-out split lacks either thumb, or there is no reward model",
 )
+REWARD_MODEL_AUC = Gauge(
+    "liveloop_trainer_reward_model_heldout_auc",
+    "Reward model held-out AUC on thumbs: the share of (up, down) pairs of ratings it never trained on that it "
+    "scores in that order (a tie counts half); what decides whether PPO may use it; NaN as the balanced accuracy",
+)
 REWARD_MODEL_COMPARISON_ACCURACY = Gauge(
     "liveloop_trainer_reward_model_heldout_comparison_accuracy",
     "Reward model held-out accuracy on comparisons: the share of (preferred, ranked below) pairs of comparisons it "

@@ -190,12 +190,13 @@ class Trainer:
         # NaN, not the last (or initial 0) value, while the held-out split lacks a thumb: no number would be honest
         accuracy = rm.heldout_balanced_accuracy
         metrics.REWARD_MODEL_BALANCED_ACCURACY.set(math.nan if accuracy is None else accuracy)
+        metrics.REWARD_MODEL_AUC.set(math.nan if rm.heldout_auc is None else rm.heldout_auc)
         comparisons = rm.heldout_comparison_accuracy
         metrics.REWARD_MODEL_COMPARISON_ACCURACY.set(math.nan if comparisons is None else comparisons)
         self._save_reward_model()
         if not rm.usable:  # a reward model at chance would teach the policy noise: its ratings only train it
-            log.info("reward model not usable yet (held-out balanced accuracy %s, lower bound %s): no policy update",
-                     accuracy, rm.heldout_balanced_accuracy_low)
+            log.info("reward model not usable yet (held-out AUC %s, lower bound %s): no policy update",
+                     rm.heldout_auc, rm.heldout_auc_low)
             metrics.RATINGS.labels("reward_model_only").inc(len(events))
             return []
         served_first = (served(e)[0] for e in events)  # a comparison's answers share their prompt

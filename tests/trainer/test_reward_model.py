@@ -18,6 +18,8 @@ from trainer.reward_model import (
     RatedResponse,
     RewardModel,
     RewardModelConfig,
+    auc,
+    auc_low,
     balanced_accuracy,
     balanced_accuracy_low,
     pair_accuracy,
@@ -148,10 +150,11 @@ def test_heldout_balanced_accuracy_of_a_constant_reward_model_is_a_half(tiny_pef
     reward_model = RewardModel.create(tiny_peft_model, base_model_id="tiny", pad_token_id=PAD, config=config)
     reward_model.probe.bias = torch.tensor(-1.0)  # a probe that ignores the features: always "down"
     reward_model.add([rated(f"down-{i}", (1, i + 2), False) for i in range(3)])
-    assert reward_model._heldout_accuracy() == (None, None)  # one thumb only: undefined, not 1.0
+    assert reward_model._heldout_accuracy() == (None,) * 4  # one thumb only: undefined, not 1.0
     reward_model.add([rated("up-0", (2,), True)])
-    accuracy, low = reward_model._heldout_accuracy()
+    accuracy, low, area, area_low = reward_model._heldout_accuracy()
     assert accuracy == pytest.approx(0.5) and low < 0.5  # plain accuracy: 0.75
+    assert area == pytest.approx(0.5) and area_low < 0.5
 
 
 def test_reward_model_learns_a_separable_preference_above_chance(tiny_peft_model):
@@ -357,6 +360,20 @@ def test_a_reward_model_at_chance_is_not_usable_and_one_that_ranks_is():
     # a perfect score on 3 + 3 ratings is far from certain (and usable_min_per_thumb asks for more)
     few = torch.tensor([True] * 3 + [False] * 3)
     assert balanced_accuracy_low(torch.where(few, 1.0, -1.0), few, z=2.33) < 0.7
+
+
+def test_auc_counts_ordered_pairs_and_its_bound_judges_a_weak_ranking_on_a_rare_thumb_before_balanced_accuracy():
+    thumbs = torch.tensor([True, True, False, False, False])
+    assert auc(torch.tensor([3.0, 1.0, 2.0, 0.0, -1.0]), thumbs) == pytest.approx(5 / 6)
+    assert auc(torch.zeros(5), thumbs) == pytest.approx(0.5)  # ties count half: a constant is at chance
+    assert auc(torch.zeros(3), torch.zeros(3, dtype=torch.bool)) is None
+    generator = torch.Generator().manual_seed(0)
+    thumbs = torch.rand(300, generator=generator) < 0.15  # a taste few answers meet
+    noise = torch.randn(300, generator=generator)
+    assert auc_low(noise, thumbs, z=2.33) < 0.5  # chance is not usable
+    weak = torch.where(thumbs, 0.8, 0.0) + noise  # a ranking as weak as a probe's after ~150 ratings
+    assert auc_low(weak, thumbs, z=2.33) > 0.5
+    assert balanced_accuracy_low(weak, thumbs, z=2.33, threshold=prior_log_odds(thumbs.tolist())) < 0.5
 
 
 def test_save_and_load_round_trip_verifies_and_reproduces_scores(make_tiny_peft_model, tmp_path):
