@@ -8,7 +8,7 @@ Keys and values live in preallocated slabs with spare rows and columns; the cach
 ``[0, B)`` and columns ``[start, end)``. Nothing that happens every few steps copies the whole cache (at 32 rows
 of 120 tokens in fp32 it is ~180 MB for SmolLM2-135M, as long to copy as a third of a decode step):
 - a decode step writes one column in place;
-- a leaving row is overwritten by the last row (one row's copy), so rows change order: ``drop`` says how;
+- a leaving row is overwritten by the rows after it, each moving up one (a copy of those rows only);
 - a joining batch (prefilled together, left-padded, logits for the last position only) is written into the
   spare rows, right-aligned to the running rows' latest column;
 - leading columns that became padding in every row are trimmed by moving ``start``.
@@ -175,16 +175,15 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def drop(self, rows: list[int]) -> list[int]:
-        """Remove ``rows`` (not all of them) in place, each overwritten by the then-last row, and trim columns that
-        are padding in every row left; return the old index of each row now in the batch, in order."""
-        order = list(range(self.size))
-        for row in sorted(rows, reverse=True):
-            last = len(order) - 1
-            if row != last:
+        """Remove ``rows`` (not all of them) in place, the rows after each moving up, and trim columns that are
+        padding in every row left; return the old index of each row now in the batch, in order (ascending: rows
+        keep their order, so a generator shared by the rows hands out its draws as it always did)."""
+        dropped = set(rows)
+        order = [row for row in range(self.size) if row not in dropped]
+        for dest, source in enumerate(order):
+            if source != dest:
                 for layer in self.cache.layers:
-                    layer.move_row(last, row)
-                order[row] = order[last]
-            order.pop()
+                    layer.move_row(source, dest)
         index = torch.tensor(order, device=self.attention_mask.device)
         mask = self.attention_mask[index]
         trim = int(mask.any(dim=0).int().argmax())  # leading columns now padding in every row

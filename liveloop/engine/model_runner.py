@@ -166,7 +166,7 @@ def _fail(sequences: list[Sequence], error: BaseException) -> None:
 
 
 def _compact(batch: DecodeBatch | None, sequences: list[Sequence]) -> tuple[DecodeBatch | None, list[Sequence]]:
-    """Drop finished rows from the batch (in place; rows change order) and the matching sequence list."""
+    """Drop finished rows from the batch (in place) and the matching sequence list."""
     finished = [i for i, s in enumerate(sequences) if s.finished]
     if not finished:
         return batch, sequences

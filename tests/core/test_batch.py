@@ -46,7 +46,7 @@ def test_rows_join_and_leave_between_steps_and_padding_columns_are_trimmed(model
             joined, first = DecodeBatch.prefill(model, PROMPTS[2:])
             batch, rows, tokens = batch.merge(joined), rows + [2, 3], torch.cat([tokens, first.argmax(-1)])
             history |= {2: [first[0]], 3: [first[1]]}
-        if step == 5:  # the longest row leaves: its padding columns go with it, the last row takes its place
+        if step == 5:  # the longest row leaves: its padding columns go with it, the rows after it move up
             length_before = batch.length
             order = batch.drop([rows.index(2)])
             rows, tokens = [rows[i] for i in order], tokens[order]
