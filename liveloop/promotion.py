@@ -249,9 +249,11 @@ class Promoter:
         log.info("canary %s: %s", canary.name, reason)
 
     def wants_candidate(self, now: datetime | None = None) -> bool:
-        """Whether a newly approved version would be used now: no canary holds the slot, or the canary has been
-        undecided for ``canary_supersede_ratings`` (it gives way to a newer approved version trained from it).
-        Under the manual policy always: an engineer may promote any approved version."""
+        """Whether a newly approved version would be used now or soon: no canary holds the slot, or the canary has
+        been undecided for half of ``canary_supersede_ratings``. From then on a successor is gated while the canary
+        runs on, so that one is approved when the canary may give way to it (a gate run takes a minute or two of
+        ratings) or, if the canary is decided first, starts the next canary at once. Under the manual policy
+        always: an engineer may promote any approved version."""
         routing = self.registry.routing(self.kind)
         if self.settings.promotion_policy != "auto" or routing.canary is None:
             return True
@@ -260,7 +262,7 @@ class Promoter:
             return False
         canary, now = self.registry.get(routing.canary), now or utcnow()
         votes = self.deciding_votes(canary.name, routing.live, since=canary.state_changed_at, until=now)
-        return self._collected(canary, routing.live, now, votes) >= limit
+        return 2 * self._collected(canary, routing.live, now, votes) >= limit
 
     def _collected(self, canary: AdapterVersion, live: str | None, now: datetime, votes: Votes) -> int:
         """Ratings of both sides since the canary started (every user's, through the alias), and ``votes``'

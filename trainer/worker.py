@@ -25,7 +25,7 @@ of whatever version served them are trained on (importance-weighted, ``trainer.p
 a candidate.
 
 Gates when they are wanted. A gate run costs about as much as an update, and an approved version is of use only
-when the canary slot can take it (``Promoter.wants_candidate``: no canary, or one undecided long enough to give
+when the canary slot can take it (``Promoter.wants_candidate``: no canary, or one undecided half-way to giving
 way). So a candidate is judged then: the newest waiting one, at once if the slot is free; the older ones waiting
 are rejected unjudged ("superseded before its gates ran"), the newest carries their training. While a canary
 holds the slot the trainer keeps training instead of judging versions nobody would serve.

@@ -363,8 +363,9 @@ def test_an_approved_version_is_wanted_while_the_canary_slot_could_take_it(regis
     assert promoter(promotion_policy="manual").wants_candidate()  # an engineer may promote any approved version
     rate("first", up=12, down=28)
     rate(None, up=10, down=30)
-    assert not promoter(canary_supersede_ratings=81).wants_candidate()
-    assert promoter(canary_supersede_ratings=80).wants_candidate()  # undecided long enough to give way
+    assert not promoter(canary_supersede_ratings=161).wants_candidate()
+    # half-way to giving way: a successor is gated while the canary runs on
+    assert promoter(canary_supersede_ratings=160).wants_candidate()
     assert not promoter(canary_supersede_ratings=0).wants_candidate()  # 0: a canary never gives way
 
 
