@@ -45,6 +45,25 @@ class _SlabLayer(DynamicLayer):
         self._view()
         self.is_initialized = True
 
+    @classmethod
+    def right_aligned(cls, rows: list[tuple[torch.Tensor, torch.Tensor] | None], width: int) -> _SlabLayer:
+        """A layer ``width`` columns wide holding each row's keys and values (H, L, D) right-aligned: zeros before
+        them, and in the rows given as None."""
+        keys = next(row for row in rows if row is not None)[0]
+        layer = cls()
+        layer.dtype, layer.device, layer.is_initialized = keys.dtype, keys.device, True
+        layer.rows, layer.start, layer.end = len(rows), 0, width
+        layer._allocate(len(rows), keys.shape[0], keys.shape[-1], width + _SPARE_COLUMNS)
+        layer._key_slab[:, :, :width] = 0
+        layer._value_slab[:, :, :width] = 0
+        for index, row in enumerate(rows):
+            if row is not None:
+                length = row[0].shape[-2]
+                layer._key_slab[index, :, width - length:width] = row[0]
+                layer._value_slab[index, :, width - length:width] = row[1]
+        layer._view()
+        return layer
+
     def _allocate(self, rows: int, heads: int, head_dim: int, columns: int) -> None:
         # Uninitialised: every column a view covers is written first, or zeroed where it is padding (a masked 0
         # attention weight times a garbage NaN would still be NaN).
@@ -196,23 +215,9 @@ class DecodeBatch:
 def _prefix_cache(prefixes: list[Prefix | None], width: int) -> Cache:
     """A cache of ``width`` columns holding each row's prefix right-aligned (zeros before it, and in rows
     without one)."""
-    first = next(prefix for prefix in prefixes if prefix is not None)
-    layers = []
-    for index, (keys, _) in enumerate(first.layers):
-        layer = _SlabLayer()
-        layer.dtype, layer.device, layer.is_initialized = keys.dtype, keys.device, True
-        layer.rows, layer.start, layer.end = len(prefixes), 0, width
-        layer._allocate(len(prefixes), keys.shape[0], keys.shape[-1], width + _SPARE_COLUMNS)
-        layer._key_slab[:, :, :width] = 0
-        layer._value_slab[:, :, :width] = 0
-        for row, prefix in enumerate(prefixes):
-            if prefix is not None:
-                prefix_keys, prefix_values = prefix.layers[index]
-                layer._key_slab[row, :, width - prefix.length:width] = prefix_keys
-                layer._value_slab[row, :, width - prefix.length:width] = prefix_values
-        layer._view()
-        layers.append(layer)
-    return Cache(layers=layers)
+    layers = len(next(prefix for prefix in prefixes if prefix is not None).layers)
+    return Cache(layers=[_SlabLayer.right_aligned([prefix.layers[index] if prefix else None for prefix in prefixes],
+                                                  width) for index in range(layers)])
 
 
 def _left_pad(mask: torch.Tensor, length: int) -> torch.Tensor:
